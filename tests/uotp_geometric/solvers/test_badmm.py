@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+from torch_geometric.utils import scatter
+
+from uotp_geometric.functional import uot_plan, uot_pool
+from tests.uotp_geometric.helpers import pot_plan, ragged_batch
+
+SIZES = [2, 5, 9, 20, 3]
+
+
+@pytest.mark.parametrize('eps,lam_p,lam_q', [(1, 1, 1), (0.5, 2, 0.3),
+                                             (2, 0.5, 5)])
+def test_matches_pot(eps, lam_p, lam_q):
+    x, index = ragged_batch(SIZES, 5, shuffle=True, seed=7)
+    plan = uot_plan(x, index, solver='badmm', eps=eps, lam_p=lam_p,
+                    lam_q=lam_q, rho=1.0, num_iters=20000)
+    for b in range(len(SIZES)):
+        expected = pot_plan(x[index == b], eps, lam_p, lam_q)
+        np.testing.assert_allclose(plan[index == b].numpy(), expected,
+                                   rtol=0, atol=1e-4)
+
+
+def test_marginal_penalties_act():
+    # The published BADMM ignores lam_p and lam_q; here they change the plan.
+    x, index = ragged_batch(SIZES, 5, seed=8)
+    plans = [
+        uot_plan(x, index, solver='badmm', eps=1.0, lam_p=1.0, lam_q=lam_q,
+                 num_iters=20) for lam_q in (0.1, 10.0)
+    ]
+    assert (plans[0] - plans[1]).abs().max() > 1e-3
+    plans = [
+        uot_plan(x, index, solver='badmm', eps=1.0, lam_p=lam_p, lam_q=1.0,
+                 num_iters=20) for lam_p in (0.1, 10.0)
+    ]
+    assert (plans[0] - plans[1]).abs().max() > 1e-3
+
+
+def test_dimension_marginal_of_the_plan_is_exact_when_hard():
+    x, index = ragged_batch(SIZES, 5, seed=9)
+    plan = uot_plan(x, index, solver='badmm', eps=0.5, lam_p=float('inf'),
+                    lam_q=1.0, num_iters=7)
+    col_sums = scatter(plan, index, 0, len(SIZES), 'sum')
+    torch.testing.assert_close(col_sums, torch.full_like(col_sums, 0.2),
+                               rtol=0, atol=1e-12)
+
+
+def test_zero_eps_reaches_max_pooling():
+    x, index = ragged_batch([7, 8, 9, 8], 6, seed=10)
+    out = uot_pool(x, index, solver='badmm', eps=0.0, lam_p=float('inf'),
+                   lam_q=0.0, rho=1.0, num_iters=100)
+    expected = scatter(x, index, 0, 4, 'max')
+    assert (out - expected).abs().max() < 5e-3

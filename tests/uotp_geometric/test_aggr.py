@@ -1,0 +1,211 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.nn import GATConv, GraphConv, SAGEConv
+from torch_geometric.nn.aggr import MultiAggregation
+from torch_geometric.utils import scatter, softmax
+
+import uotp_geometric
+from uotp_geometric import UOTAggregation
+from tests.uotp_geometric.helpers import pot_plan, ragged_batch
+
+SOLVERS = ['sinkhorn', 'badmm']
+INF = float('inf')
+
+
+def relative_error(out, expected):
+    return ((out - expected).abs() / (1 + expected.abs())).max().item()
+
+
+def test_matches_pot_pooling_in_float64():
+    sizes = [3, 8, 1]
+    x, index = ragged_batch(sizes, 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=3000, eps=0.6, lam_p=2.0, lam_q=0.5).double()
+    out = aggr(x, index)
+    for b in range(len(sizes)):
+        plan = pot_plan(x[index == b], 0.6, 2.0, 0.5)
+        expected = 4 * (x[index == b].numpy() * plan).sum(0)
+        np.testing.assert_allclose(out[b].detach().numpy(), expected, atol=1e-7)
+
+
+def test_learnable_values_start_at_their_initial_values():
+    aggr = UOTAggregation(eps=0.3, lam_p=INF, lam_q=2.5)
+    names = {name for name, _ in aggr.named_parameters()}
+    assert names == {'eps_raw', 'lam_q_raw'}  # inf stays fixed; rho is BADMM's
+    assert aggr.value('eps').item() == pytest.approx(0.3)
+    assert aggr.value('lam_p').item() == INF
+    assert aggr.value('lam_q').item() == pytest.approx(2.5)
+    badmm = UOTAggregation(solver='badmm', eps=0.0, rho=2.0)
+    assert {n for n, _ in badmm.named_parameters()} == {
+        'lam_p_raw', 'lam_q_raw', 'rho_raw'}
+    assert list(UOTAggregation(learn=False).parameters()) == []
+
+
+def test_per_iteration_and_reset_parameters():
+    aggr = UOTAggregation(num_iters=5, eps=0.5, per_iteration=True)
+    assert aggr.value('eps').shape == (5, )
+    with torch.no_grad():
+        aggr.eps_raw.add_(1.0)
+    assert not torch.allclose(aggr.value('eps'), torch.full((5, ), 0.5))
+    aggr.reset_parameters()
+    torch.testing.assert_close(aggr.value('eps'), torch.full((5, ), 0.5))
+
+
+def test_values_receive_gradients():
+    x, index = ragged_batch([4, 6], 3, dtype=torch.float32)
+    aggr = UOTAggregation(solver='badmm', num_iters=3, per_iteration=True,
+                          prior='attention', channels=3)
+    aggr(x, index).pow(2).sum().backward()
+    for name, param in aggr.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_repr():
+    assert repr(UOTAggregation(prior='attention', channels=8)) == (
+        'UOTAggregation(solver=sinkhorn, num_iters=4, eps=1, lam_p=1, '
+        'lam_q=1, learn=True, per_iteration=False, prior=attention, '
+        'channels=8)')
+    assert 'rho=0.5' in repr(UOTAggregation(solver='badmm', rho=0.5))
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_index_and_ptr_agree(solver):
+    x, index = ragged_batch([3, 0, 5], 4, dtype=torch.float32)
+    aggr = UOTAggregation(solver=solver)
+    ptr = torch.tensor([0, 3, 3, 8])
+    torch.testing.assert_close(aggr(x, ptr=ptr), aggr(x, index, dim_size=3))
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_empty_set_row_is_exactly_zero(solver):
+    x, index = ragged_batch([3, 5], 4, dtype=torch.float32)
+    out = UOTAggregation(solver=solver)(x, index, dim_size=4)
+    assert torch.equal(out[2:], torch.zeros(2, 4))
+    assert out[:2].abs().sum() > 0
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_extra_axes_are_pooled_independently(solver):
+    # [E, heads, C], aggregated over dim 0, as in GATConv.
+    x = torch.randn(9, 3, 4)
+    index = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 0])
+    aggr = UOTAggregation(solver=solver, prior='attention', channels=4)
+    out = aggr(x, index, dim=0)
+    assert out.shape == (3, 3, 4)
+    for head in range(3):
+        torch.testing.assert_close(out[:, head], aggr(x[:, head], index))
+    # A leading batch axis, aggregated over dim -2.
+    y = torch.randn(2, 9, 4)
+    out = aggr(y, index, dim=-2)
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out[1], aggr(y[1], index))
+
+
+def test_rejects_the_feature_axis_as_set_axis():
+    with pytest.raises(ValueError, match='last'):
+        UOTAggregation()(torch.randn(4, 3), torch.tensor([0, 0, 1]), dim=-1)
+
+
+def test_resolver_registration_is_idempotent():
+    uotp_geometric.register()
+    uotp_geometric.register()
+    from torch_geometric.nn.resolver import aggregation_resolver
+    aggr = aggregation_resolver('uot', solver='badmm', num_iters=2)
+    assert isinstance(aggr, UOTAggregation) and aggr.solver == 'badmm'
+
+
+@pytest.mark.parametrize('layer', [
+    lambda: SAGEConv(16, 32, aggr='uot'),
+    lambda: GraphConv(16, 32, aggr='uot'),
+    lambda: SAGEConv(16, 32, aggr='uot',
+                     aggr_kwargs=dict(solver='badmm', num_iters=3)),
+    lambda: GATConv(16, 8, heads=2, aggr='uot'),
+])
+def test_message_passing_layers(layer):
+    torch.manual_seed(0)
+    conv = layer()
+    x = torch.randn(10, 16, requires_grad=True)
+    edge_index = torch.randint(0, 10, (2, 40))
+    out = conv(x, edge_index)
+    assert out.shape[0] == 10 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    uot = [m for m in conv.modules() if isinstance(m, UOTAggregation)]
+    assert len(uot) == 1
+    assert all(p.grad is not None for p in uot[0].parameters())
+
+
+def test_multi_aggregation():
+    aggr = MultiAggregation(['mean', 'uot'])
+    x, index = ragged_batch([2, 4], 6, dtype=torch.float32)
+    out = aggr(x, index, dim_size=3)
+    assert out.shape == (3, 12)
+    torch.testing.assert_close(out[:2, :6], scatter(x, index, 0, 2, 'mean'))
+    assert torch.equal(out[2], torch.zeros(12))
+
+
+# Presets (spec §4) ###########################################################
+
+@pytest.fixture
+def batch():
+    x, index = ragged_batch([1, 7, 30, 3, 12, 55], 16, dtype=torch.float32,
+                            shuffle=True, scale=2.0)
+    return x, index, 6
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+@pytest.mark.parametrize('name,reduce,tol', [('mean', 'mean', 1e-4),
+                                             ('sum', 'sum', 1e-3),
+                                             ('max', 'max', 2e-2)])
+def test_presets_reproduce_scatter(batch, solver, name, reduce, tol):
+    x, index, num_sets = batch
+    aggr = UOTAggregation.from_preset(name, solver=solver)
+    assert list(aggr.parameters()) == []
+    out = aggr(x, index, dim_size=num_sets)
+    assert relative_error(out, scatter(x, index, 0, num_sets, reduce)) <= tol
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_softmax_preset(batch, solver):
+    x, index, num_sets = batch
+    aggr = UOTAggregation.from_preset('softmax', solver=solver, t=0.7)
+    expected = scatter(softmax(x / 0.7, index) * x, index, 0, num_sets)
+    out = aggr(x, index, dim_size=num_sets)
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_attention_preset(batch, solver):
+    x, index, num_sets = batch
+    aggr = UOTAggregation.from_preset('attention', solver=solver, channels=16)
+    q = softmax(aggr.gate(x).squeeze(-1), index)
+    expected = scatter(q.unsqueeze(-1) * x, index, 0, num_sets)
+    out = aggr(x, index, dim_size=num_sets)
+    assert (out - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize('name', ['softmax', 'max', 'attention'])
+def test_learning_from_a_preset_moves_away_from_it(batch, name):
+    x, index, num_sets = batch
+    kwargs = dict(channels=16) if name == 'attention' else {}
+    aggr = UOTAggregation.from_preset(name, learn=True, **kwargs)
+    start = aggr(x, index, dim_size=num_sets).detach()
+    # The softplus moves small values multiplicatively, so max needs a few steps to leave eps ~ 0.
+    optimizer = torch.optim.Adam(aggr.parameters(), lr=0.3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = (aggr(x, index, dim_size=num_sets) - 1.0).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    assert (aggr(x, index, dim_size=num_sets) - start).abs().max() > 1e-2
+
+
+def test_preset_errors():
+    with pytest.raises(ValueError, match='Unknown preset'):
+        UOTAggregation.from_preset('median')
+    with pytest.raises(ValueError, match='channels'):
+        UOTAggregation.from_preset('attention')
+    with pytest.raises(ValueError, match="'t'"):
+        UOTAggregation.from_preset('mean', t=0.5)

@@ -1,0 +1,234 @@
+r"""UOT-Pooling as a PyG aggregation."""
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Linear, Parameter
+from torch_geometric.nn.aggr import Aggregation
+from torch_geometric.utils import softmax
+
+from uotp_geometric.functional import SOLVERS, uot_pool
+from uotp_geometric.segment import segment_count
+
+__all__ = ['UOTAggregation', 'PRIORS', 'PRESETS']
+
+PRIORS = ('uniform', 'attention', 'counting')
+INF = math.inf
+
+# Each preset is the setting of spec §4 under which the UOT problem (Sinkhorn) or the BADMM iteration
+# gives a classic pooling; see README's "one layer, every pooling" table.
+_LIMIT = dict(lam_p=INF, lam_q=INF)
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # eps -> inf with hard marginals gives T = p q^T after one Sinkhorn iteration. BADMM starts at
+    # p q^T, and a step rho -> inf keeps it there.
+    'mean': dict(sinkhorn=dict(eps=1e6, num_iters=1, **_LIMIT),
+                 badmm=dict(eps=0.0, rho=1e6, num_iters=1, **_LIMIT)),
+    # softmax over each set with temperature t: free node marginal, hard dimension marginal.
+    'softmax': dict(sinkhorn=dict(lam_p=INF, lam_q=0.0, num_iters=1),
+                    badmm=dict(lam_p=INF, lam_q=0.0, rho=1.0, num_iters=50)),
+    # max: the softmax setting as the temperature goes to 0. Sinkhorn stops at eps = 0.02, where the
+    # float32 gradient with respect to eps has not yet underflowed, so learn=True can leave max;
+    # BADMM reaches eps = 0 itself.
+    'max': dict(sinkhorn=dict(eps=2e-2, lam_p=INF, lam_q=0.0, num_iters=1),
+                badmm=dict(eps=0.0, lam_p=INF, lam_q=0.0, rho=1.0,
+                           num_iters=50)),
+}
+PRESETS['sum'] = {k: dict(v, prior='counting') for k, v in PRESETS['mean'].items()}
+PRESETS['attention'] = {k: dict(v, prior='attention') for k, v in PRESETS['mean'].items()}
+
+
+def _inverse_softplus(value: float) -> float:
+    # softplus(y) = value  <=>  y = value + log(1 - exp(-value)), stable for large and small values.
+    return value + math.log(-math.expm1(-value))
+
+
+class UOTAggregation(Aggregation):
+    r"""UOT-Pooling from `"Revisiting Global Pooling through the Lens of Optimal Transport"
+    <https://arxiv.org/abs/2201.09191>`_: every set is pooled by solving an unbalanced optimal
+    transport problem between its elements and the feature dimensions.
+
+    For a set with features :math:`X \in \mathbb{R}^{N \times D}`, the plan
+
+    .. math::
+        T^\star = \operatorname*{argmin}_{T \geq 0} \; -\langle X, T \rangle
+        + \varepsilon \sum T (\log T - 1)
+        + \lambda_p \operatorname{KL}(T^\top \mathbf{1} \,\|\, p)
+        + \lambda_q \operatorname{KL}(T \mathbf{1} \,\|\, q)
+
+    is approximated by :obj:`num_iters` iterations of Sinkhorn scaling or Bregman ADMM, and the output
+    is :math:`z = D \sum_n x_n \odot T^\star_n`. With :math:`p = \mathbf{1}/D` and the prior :math:`q`
+    chosen by :obj:`prior`, the layer contains mean, sum, max, softmax and attention pooling as special
+    cases (:meth:`from_preset`), and learns :math:`\varepsilon, \lambda_p, \lambda_q` (and
+    :math:`\rho`) otherwise.
+
+    Sets are given by :obj:`index` (or :obj:`ptr`) over the flat input, without padding. Inputs with
+    extra axes, such as :obj:`[num_edges, heads, channels]`, pool each of those axes independently over
+    the feature axis (the last one).
+
+    Args:
+        solver (str): ``"sinkhorn"`` or ``"badmm"``. (default: ``"sinkhorn"``)
+        num_iters (int): The number of unrolled solver iterations ``K``. (default: ``4``)
+        eps (float): Initial entropic regularisation :math:`\varepsilon` (``> 0`` for Sinkhorn,
+            ``>= 0`` for BADMM). (default: ``1.0``)
+        lam_p (float): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). (default: ``1.0``)
+        lam_q (float): Initial :math:`\lambda_q \geq 0`. (default: ``1.0``)
+        rho (float): Initial BADMM step :math:`\rho > 0`. (default: ``1.0``)
+        learn (bool): If :obj:`True`, the finite, positive values among :obj:`eps`, :obj:`lam_p`,
+            :obj:`lam_q` (and :obj:`rho` for BADMM) are learned, kept positive by a softplus;
+            ``0`` and ``inf`` stay fixed. (default: :obj:`True`)
+        per_iteration (bool): If :obj:`True`, each iteration has its own values. (default: :obj:`False`)
+        prior (str): The node prior :math:`q`: ``"uniform"`` (:math:`1/N`), ``"attention"`` (a
+            softmax over the set of a learned linear score, needs :obj:`channels`) or ``"counting"``
+            (:math:`q = \mathbf{1}`, :math:`p = (N/D)\mathbf{1}`: unnormalised, as sum pooling needs).
+            (default: ``"uniform"``)
+        channels (int, optional): Input feature size, for ``prior="attention"``. (default: :obj:`None`)
+    """
+    def __init__(
+        self,
+        solver: str = 'sinkhorn',
+        num_iters: int = 4,
+        eps: float = 1.0,
+        lam_p: float = 1.0,
+        lam_q: float = 1.0,
+        rho: float = 1.0,
+        learn: bool = True,
+        per_iteration: bool = False,
+        prior: str = 'uniform',
+        channels: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"Unknown solver '{solver}' (expected one of "
+                             f"{list(SOLVERS)})")
+        if not isinstance(num_iters, int) or num_iters < 1:
+            raise ValueError(f"'num_iters' must be an integer >= 1 (got "
+                             f"{num_iters!r})")
+        if prior not in PRIORS:
+            raise ValueError(f"Unknown prior '{prior}' (expected one of "
+                             f"{list(PRIORS)})")
+        if prior == 'attention' and channels is None:
+            raise ValueError("prior='attention' needs 'channels', the input "
+                             "feature size of its gate")
+        self.solver = solver
+        self.num_iters = num_iters
+        self.learn = learn
+        self.per_iteration = per_iteration
+        self.prior = prior
+        self.channels = channels
+        self.init_values = dict(eps=float(eps), lam_p=float(lam_p),
+                                lam_q=float(lam_q))
+        if solver == 'badmm':
+            self.init_values['rho'] = float(rho)
+        for name, value in self.init_values.items():
+            self._register_value(name, value)
+        self.gate = Linear(channels, 1) if prior == 'attention' else None
+        self.reset_parameters()
+
+    def _register_value(self, name: str, value: float) -> None:
+        positive = name == 'rho' or (name == 'eps' and self.solver == 'sinkhorn')
+        if math.isnan(value) or value < 0 or (positive and value == 0):
+            bound = 'positive' if positive else 'non-negative'
+            raise ValueError(f"'{name}' must be {bound} for solver="
+                             f"'{self.solver}' (got {value})")
+        size = self.num_iters if self.per_iteration else 1
+        if self.learn and 0 < value < INF:
+            self.register_parameter(name + '_raw', Parameter(torch.empty(size)))
+        else:
+            self.register_buffer(name + '_fixed', torch.full((size, ), value))
+
+    def reset_parameters(self) -> None:
+        for name, value in self.init_values.items():
+            raw = getattr(self, name + '_raw', None)
+            if raw is not None:
+                with torch.no_grad():
+                    raw.fill_(_inverse_softplus(value))
+        if self.gate is not None:
+            self.gate.reset_parameters()
+
+    def value(self, name: str) -> Tensor:
+        r"""The current value of :obj:`name` (``"eps"``, ``"lam_p"``, ``"lam_q"`` or ``"rho"``),
+        of shape ``(num_iters,)`` if :obj:`per_iteration`, else ``(1,)``."""
+        raw = getattr(self, name + '_raw', None)
+        return F.softplus(raw) if raw is not None else getattr(self, name + '_fixed')
+
+    @classmethod
+    def from_preset(cls, name: str, solver: str = 'sinkhorn',
+                    **overrides: Any) -> 'UOTAggregation':
+        r"""A layer that computes the classic pooling :obj:`name`: ``"mean"``, ``"sum"``,
+        ``"max"``, ``"softmax"`` (temperature ``t``, default 1) or ``"attention"`` (needs
+        ``channels``). Its values are fixed unless ``learn=True`` is among :obj:`overrides`, in
+        which case training starts from that pooling and may move away from it.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset '{name}' (expected one of "
+                             f"{sorted(PRESETS)})")
+        if solver not in SOLVERS:
+            raise ValueError(f"Unknown solver '{solver}' (expected one of "
+                             f"{list(SOLVERS)})")
+        kwargs: Dict[str, Any] = dict(solver=solver, learn=False)
+        kwargs.update(PRESETS[name][solver])
+        if name == 'softmax':
+            kwargs['eps'] = float(overrides.pop('t', 1.0))
+        elif 't' in overrides:
+            raise ValueError(f"'t' is a parameter of the softmax preset, not "
+                             f"of '{name}'")
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def _priors(self, x: Tensor, index: Tensor,
+                num_sets: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.prior == 'attention':
+            score = self.gate(x).squeeze(-1)
+            return None, softmax(score, index, num_nodes=num_sets)
+        if self.prior == 'counting':
+            count = segment_count(index, num_sets, x.dtype)
+            p = (count / x.size(-1)).unsqueeze(-1).expand(-1, x.size(-1))
+            return p, x.new_ones(x.size(0))
+        return None, None
+
+    def forward(
+        self,
+        x: Tensor,
+        index: Optional[Tensor] = None,
+        ptr: Optional[Tensor] = None,
+        dim_size: Optional[int] = None,
+        dim: int = -2,
+    ) -> Tensor:
+        dim = dim % x.dim()
+        if dim == x.dim() - 1:
+            raise ValueError("UOTAggregation pools over a set axis and "
+                             "transports into the last (feature) axis, so "
+                             "'dim' cannot be the last axis")
+        if index is None:
+            assert ptr is not None  # Aggregation.__call__ sets one of them.
+            index = torch.repeat_interleave(
+                torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff(),
+                output_size=x.size(dim))
+        assert dim_size is not None  # Aggregation.__call__ infers it.
+
+        # Every (set, extra-axis position) pair is an independent set of the flat layout.
+        moved = x.movedim(dim, 0)
+        num_nodes, extra_shape, num_dims = moved.size(0), moved.shape[1:-1], moved.size(-1)
+        num_extra = math.prod(extra_shape)
+        flat_x = moved.reshape(num_nodes * num_extra, num_dims)
+        offsets = torch.arange(num_extra, device=index.device)
+        flat_index = (index.unsqueeze(-1) * num_extra + offsets).reshape(-1)
+        num_sets = dim_size * num_extra
+
+        p, q = self._priors(flat_x, flat_index, num_sets)
+        out = uot_pool(flat_x, flat_index, num_sets, solver=self.solver,
+                       eps=self.value('eps'), lam_p=self.value('lam_p'),
+                       lam_q=self.value('lam_q'),
+                       rho=self.value('rho') if self.solver == 'badmm' else 1.0,
+                       num_iters=self.num_iters, p=p, q=q)
+        return out.reshape(dim_size, *extra_shape, num_dims).movedim(0, dim)
+
+    def __repr__(self) -> str:
+        values = ', '.join(f'{k}={v:g}' for k, v in self.init_values.items())
+        gate = f', channels={self.channels}' if self.gate is not None else ''
+        return (f'{self.__class__.__name__}(solver={self.solver}, '
+                f'num_iters={self.num_iters}, {values}, learn={self.learn}, '
+                f'per_iteration={self.per_iteration}, prior={self.prior}'
+                f'{gate})')

@@ -1,0 +1,221 @@
+r"""The functional interface of UOT-Pooling: argument checks, priors, and dispatch to a solver.
+
+For every set :math:`b` of a ragged batch, with features :math:`X_b \in \mathbb{R}^{N_b \times D}`, the
+plan is
+
+.. math::
+    T_b^\star = \operatorname*{argmin}_{T \geq 0} \; -\langle X_b, T \rangle
+    + \varepsilon \sum T (\log T - 1)
+    + \lambda_p \operatorname{KL}(T^\top \mathbf{1} \,\|\, p_b)
+    + \lambda_q \operatorname{KL}(T \mathbf{1} \,\|\, q_b)
+
+and the pooled vector is :math:`z_b = D \sum_n x_n \odot T^\star_{b,n}`. Defaults are :math:`p_b =
+\mathbf{1}_D / D` and :math:`q_b = \mathbf{1}_{N_b} / N_b`.
+"""
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from uotp_geometric.segment import segment_count, segment_sum
+from uotp_geometric.solvers import badmm_log_plan, sinkhorn_log_plan
+
+__all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
+
+SOLVERS = ('sinkhorn', 'badmm')
+Value = Union[float, Sequence[float], Tensor]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_input(x: Tensor, index: Tensor,
+                 dim_size: Optional[int]) -> int:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"'x' must be a floating-point tensor (got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x)})")
+    if x.dim() != 2:
+        raise ValueError(f"'x' must have shape (num_nodes, num_features) "
+                         f"(got shape {tuple(x.shape)})")
+    if not isinstance(index, Tensor) or index.dtype != torch.long:
+        raise TypeError(f"'index' must be a torch.long tensor (got "
+                        f"{index.dtype if isinstance(index, Tensor) else type(index)})")
+    if index.dim() != 1 or index.numel() != x.size(0):
+        raise ValueError(f"'index' must have shape ({x.size(0)},), one entry "
+                         f"per row of 'x' (got shape {tuple(index.shape)})")
+    if dim_size is None:
+        return int(index.max()) + 1 if index.numel() > 0 else 0
+    if dim_size < 0:
+        raise ValueError(f"'dim_size' must be non-negative (got {dim_size})")
+    if (index.numel() > 0 and index.device.type == 'cpu'
+            and not _is_compiling()):
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= dim_size:
+            raise ValueError(f"'index' holds values in [{low}, {high}], out "
+                             f"of range for dim_size={dim_size}")
+    return dim_size
+
+
+def _schedule(name: str, value: Value, num_iters: int, x: Tensor,
+              positive: bool = False) -> Tensor:
+    r"""Returns :obj:`value` as a tensor of shape ``(num_iters,)``: one value per iteration."""
+    out = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if out.numel() == 1:
+        out = out.reshape(()).expand(num_iters)
+    elif out.shape != (num_iters, ):
+        raise ValueError(f"'{name}' must be a scalar or have shape "
+                         f"({num_iters},), one value per iteration (got "
+                         f"shape {tuple(out.shape)})")
+    if out.device.type == 'cpu' and not _is_compiling():
+        bad = out.isnan() | (out <= 0 if positive else out < 0)
+        if bool(bad.any()):
+            bound = 'positive' if positive else 'non-negative'
+            raise ValueError(f"'{name}' must be {bound} (got "
+                             f"{out.detach().tolist()})")
+    return out
+
+
+def _safe_log(t: Tensor) -> Tensor:
+    # A zero prior entry means "no mass here"; log(tiny) keeps it finite, so no gradient sees 0 * inf.
+    return t.clamp_min(torch.finfo(t.dtype).tiny).log()
+
+
+def _priors(x: Tensor, index: Tensor, num_sets: int, p: Optional[Tensor],
+            q: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    r"""Returns the priors ``p`` of shape ``(B, D)`` and ``q`` of shape ``(N,)``."""
+    num_nodes, num_dims = x.shape
+    if p is None:
+        p = x.new_full((num_sets, num_dims), 1.0 / num_dims)
+    elif p.shape == (num_dims, ):
+        p = p.to(x.dtype).expand(num_sets, num_dims)
+    elif p.shape != (num_sets, num_dims):
+        raise ValueError(f"'p' must have shape ({num_dims},) or "
+                         f"({num_sets}, {num_dims}) (got {tuple(p.shape)})")
+    if q is None:
+        count = segment_count(index, num_sets, x.dtype).clamp_min(1)
+        q = count.reciprocal().index_select(0, index)
+    elif q.shape != (num_nodes, ):
+        raise ValueError(f"'q' must have shape ({num_nodes},), one entry per "
+                         f"node (got {tuple(q.shape)})")
+    return p.to(x.dtype), q.to(x.dtype)
+
+
+def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
+              eps: Value, lam_p: Value, lam_q: Value, rho: Value,
+              num_iters: int, p: Optional[Tensor],
+              q: Optional[Tensor]) -> Tuple[Tensor, int]:
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver '{solver}' (expected one of "
+                         f"{list(SOLVERS)})")
+    if not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"'num_iters' must be an integer >= 1 (got "
+                         f"{num_iters!r})")
+    num_sets = _check_input(x, index, dim_size)
+    p, q = _priors(x, index, num_sets, p, q)
+    log_p, log_q = _safe_log(p), _safe_log(q)
+    eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
+    lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
+    lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
+    if solver == 'sinkhorn':
+        log_plan = sinkhorn_log_plan(x, index, num_sets, eps_k, lam_p_k,
+                                     lam_q_k, log_p, log_q)
+    else:
+        rho_k = _schedule('rho', rho, num_iters, x, positive=True)
+        log_plan = badmm_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k,
+                                  rho_k, log_p, log_q)
+    return log_plan, num_sets
+
+
+def uot_plan(
+    x: Tensor,
+    index: Tensor,
+    dim_size: Optional[int] = None,
+    *,
+    solver: str = 'sinkhorn',
+    eps: Value = 1.0,
+    lam_p: Value = 1.0,
+    lam_q: Value = 1.0,
+    rho: Value = 1.0,
+    num_iters: int = 4,
+    p: Optional[Tensor] = None,
+    q: Optional[Tensor] = None,
+) -> Tensor:
+    r"""The UOT plan :math:`T` of every set, stacked as the rows of ``x``.
+
+    Args:
+        x (Tensor): Node features of shape ``(N, D)``.
+        index (Tensor): The set of each node, shape ``(N,)``; need not be sorted.
+        dim_size (int, optional): The number of sets ``B`` (default: ``index.max() + 1``). Sets
+            without nodes are allowed.
+        solver (str): ``"sinkhorn"`` (spec §2) or ``"badmm"`` (Bregman ADMM, spec §3).
+        eps (float or Tensor): Entropic regularisation :math:`\varepsilon`; ``> 0`` for Sinkhorn,
+            ``>= 0`` for BADMM; ``inf`` is allowed with Sinkhorn.
+        lam_p (float or Tensor): :math:`\lambda_p \geq 0`, weight of the dimension marginal;
+            ``inf`` makes it hard, ``0`` free.
+        lam_q (float or Tensor): :math:`\lambda_q \geq 0`, weight of the node marginal.
+        rho (float or Tensor): BADMM step :math:`\rho > 0` (unused by Sinkhorn).
+        num_iters (int): The number of iterations ``K``.
+        p (Tensor, optional): Dimension prior, shape ``(D,)`` or ``(B, D)`` (default ``1 / D``).
+        q (Tensor, optional): Node prior, shape ``(N,)`` (default ``1 / N_b`` in each set).
+
+    Each of ``eps``, ``lam_p``, ``lam_q`` and ``rho`` is a scalar or a tensor of shape ``(K,)`` (one
+    value per iteration), and may require grad.
+
+    Returns:
+        Tensor: The plan, shape ``(N, D)``.
+    """
+    log_plan, _ = _log_plan(x, index, dim_size, solver, eps, lam_p, lam_q,
+                            rho, num_iters, p, q)
+    return log_plan.exp()
+
+
+def uot_pool(
+    x: Tensor,
+    index: Tensor,
+    dim_size: Optional[int] = None,
+    *,
+    solver: str = 'sinkhorn',
+    eps: Value = 1.0,
+    lam_p: Value = 1.0,
+    lam_q: Value = 1.0,
+    rho: Value = 1.0,
+    num_iters: int = 4,
+    p: Optional[Tensor] = None,
+    q: Optional[Tensor] = None,
+) -> Tensor:
+    r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, shape ``(B, D)``.
+
+    Takes the arguments of :func:`uot_plan`. An empty set gives a zero row.
+    """
+    log_plan, num_sets = _log_plan(x, index, dim_size, solver, eps, lam_p,
+                                   lam_q, rho, num_iters, p, q)
+    return x.size(-1) * segment_sum(x * log_plan.exp(), index, num_sets)
+
+
+class UOTDiagnostics(NamedTuple):
+    r"""Per-set convergence diagnostics of a plan, each of shape ``(B,)``."""
+    mass: Tensor  #: total mass of the plan, :math:`\sum T`
+    dim_marginal_error: Tensor  #: :math:`\|T^\top \mathbf{1} - p\|_1`
+    node_marginal_error: Tensor  #: :math:`\|T \mathbf{1} - q\|_1`
+
+
+def uot_diagnostics(plan: Tensor, index: Tensor,
+                    dim_size: Optional[int] = None, *,
+                    p: Optional[Tensor] = None,
+                    q: Optional[Tensor] = None) -> UOTDiagnostics:
+    r"""Measures how far each set's plan is from its priors.
+
+    A hard marginal (``lam = inf``) should give an error near 0 once the solver has converged; a soft
+    one deviates by design, by an amount that shrinks as its ``lam`` grows.
+    """
+    num_sets = _check_input(plan, index, dim_size)
+    p, q = _priors(plan, index, num_sets, p, q)
+    dim_marginal = segment_sum(plan, index, num_sets)
+    node_error = (plan.sum(dim=-1) - q).abs()
+    return UOTDiagnostics(
+        mass=dim_marginal.sum(dim=-1),
+        dim_marginal_error=(dim_marginal - p).abs().sum(dim=-1),
+        node_marginal_error=segment_sum(node_error, index, num_sets),
+    )

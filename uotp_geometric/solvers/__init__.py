@@ -1,0 +1,5 @@
+r"""Solvers of the unbalanced OT problem of UOT-Pooling, as pure functions on the flat ragged layout."""
+from uotp_geometric.solvers.badmm import badmm_log_plan, badmm_step
+from uotp_geometric.solvers.sinkhorn import sinkhorn_log_plan, sinkhorn_step
+
+__all__ = ['sinkhorn_step', 'sinkhorn_log_plan', 'badmm_step', 'badmm_log_plan']

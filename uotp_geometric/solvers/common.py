@@ -1,0 +1,18 @@
+from torch import Tensor
+import torch
+
+
+def hardness(lam: Tensor, scale: Tensor) -> Tensor:
+    r"""Returns ``lam / (lam + scale)``, the weight that a marginal update puts on its prior.
+
+    It is 1 for a hard marginal (``lam = inf``) and 0 for a free one (``lam = 0``, or ``scale = inf``
+    with finite ``lam``). The infinite cases go through :func:`torch.where` on finite stand-ins, so that
+    no ``inf / inf`` reaches the value or the gradient of a finite argument.
+    """
+    lam_inf, scale_inf = torch.isinf(lam), torch.isinf(scale)
+    one = torch.ones_like(lam)
+    finite_lam = torch.where(lam_inf, one, lam)
+    finite_scale = torch.where(scale_inf, one, scale)
+    out = finite_lam / (finite_lam + finite_scale)
+    out = torch.where(scale_inf, torch.zeros_like(out), out)
+    return torch.where(lam_inf, one, out)
