@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Linear, Parameter
 from torch_geometric.nn.aggr import Aggregation
-from torch_geometric.utils import softmax
 
 from uotp_geometric.functional import SOLVERS, uot_pool
-from uotp_geometric.segment import segment_count
+from uotp_geometric.segment import segment_count, segment_logsumexp
 
 __all__ = ['UOTAggregation', 'PRIORS', 'PRESETS']
 
@@ -84,6 +83,9 @@ class UOTAggregation(Aggregation):
             (:math:`q = \mathbf{1}`, :math:`p = (N/D)\mathbf{1}`: unnormalised, as sum pooling needs).
             (default: ``"uniform"``)
         channels (int, optional): Input feature size, for ``prior="attention"``. (default: :obj:`None`)
+        memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration instead of
+            storing it, so training memory hardly grows with :obj:`num_iters`; :obj:`False` uses
+            plain autograd through the unrolled iterations. (default: :obj:`True`)
     """
     def __init__(
         self,
@@ -97,6 +99,7 @@ class UOTAggregation(Aggregation):
         per_iteration: bool = False,
         prior: str = 'uniform',
         channels: Optional[int] = None,
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         if solver not in SOLVERS:
@@ -117,6 +120,7 @@ class UOTAggregation(Aggregation):
         self.per_iteration = per_iteration
         self.prior = prior
         self.channels = channels
+        self.memory_efficient = memory_efficient
         self.init_values = dict(eps=float(eps), lam_p=float(lam_p),
                                 lam_q=float(lam_q))
         if solver == 'badmm':
@@ -179,13 +183,16 @@ class UOTAggregation(Aggregation):
 
     def _priors(self, x: Tensor, index: Tensor,
                 num_sets: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        r"""Returns the priors ``p`` and ``log q`` (``None`` for the uniform default)."""
         if self.prior == 'attention':
-            score = self.gate(x).squeeze(-1)
-            return None, softmax(score, index, num_nodes=num_sets)
+            # The log-softmax of the gate over each set: log q stays finite where q underflows.
+            score = self.gate(x)
+            log_norm = segment_logsumexp(score, index, num_sets)
+            return None, (score - log_norm.index_select(0, index)).squeeze(-1)
         if self.prior == 'counting':
             count = segment_count(index, num_sets, x.dtype)
             p = (count / x.size(-1)).unsqueeze(-1).expand(-1, x.size(-1))
-            return p, x.new_ones(x.size(0))
+            return p, x.new_zeros(x.size(0))
         return None, None
 
     def forward(
@@ -196,6 +203,9 @@ class UOTAggregation(Aggregation):
         dim_size: Optional[int] = None,
         dim: int = -2,
     ) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"'x' must be a floating-point tensor (got "
+                            f"{x.dtype})")
         dim = dim % x.dim()
         if dim == x.dim() - 1:
             raise ValueError("UOTAggregation pools over a set axis and "
@@ -207,6 +217,10 @@ class UOTAggregation(Aggregation):
                 torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff(),
                 output_size=x.size(dim))
         assert dim_size is not None  # Aggregation.__call__ infers it.
+        if index.dim() != 1 or index.numel() != x.size(dim):
+            raise ValueError(f"'index' must have shape ({x.size(dim)},), one "
+                             f"entry per element along dim={dim} of 'x' (got "
+                             f"shape {tuple(index.shape)})")
 
         # Every (set, extra-axis position) pair is an independent set of the flat layout.
         moved = x.movedim(dim, 0)
@@ -217,12 +231,13 @@ class UOTAggregation(Aggregation):
         flat_index = (index.unsqueeze(-1) * num_extra + offsets).reshape(-1)
         num_sets = dim_size * num_extra
 
-        p, q = self._priors(flat_x, flat_index, num_sets)
+        p, log_q = self._priors(flat_x, flat_index, num_sets)
         out = uot_pool(flat_x, flat_index, num_sets, solver=self.solver,
                        eps=self.value('eps'), lam_p=self.value('lam_p'),
                        lam_q=self.value('lam_q'),
                        rho=self.value('rho') if self.solver == 'badmm' else 1.0,
-                       num_iters=self.num_iters, p=p, q=q)
+                       num_iters=self.num_iters, p=p, log_q=log_q,
+                       memory_efficient=self.memory_efficient)
         return out.reshape(dim_size, *extra_shape, num_dims).movedim(0, dim)
 
     def __repr__(self) -> str:

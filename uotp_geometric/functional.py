@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch_geometric
 from torch import Tensor
 
 from uotp_geometric.segment import segment_count, segment_sum
@@ -27,8 +28,12 @@ SOLVERS = ('sinkhorn', 'badmm')
 Value = Union[float, Sequence[float], Tensor]
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _should_validate(t: Tensor) -> bool:
+    r"""Whether to run checks that read tensor values: always on the CPU, where they are cheap; on
+    an accelerator only inside :obj:`torch_geometric.debug()`, since they cost a host sync."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == 'cpu' or torch_geometric.is_debug_enabled()
 
 
 def _check_input(x: Tensor, index: Tensor,
@@ -45,12 +50,14 @@ def _check_input(x: Tensor, index: Tensor,
     if index.dim() != 1 or index.numel() != x.size(0):
         raise ValueError(f"'index' must have shape ({x.size(0)},), one entry "
                          f"per row of 'x' (got shape {tuple(index.shape)})")
+    # A NaN in x only spoils its own set's row; asking for it to be an error costs a full pass.
+    if torch_geometric.is_debug_enabled() and not torch.isfinite(x).all():
+        raise ValueError("'x' holds NaN or infinite values")
     if dim_size is None:
         return int(index.max()) + 1 if index.numel() > 0 else 0
     if dim_size < 0:
         raise ValueError(f"'dim_size' must be non-negative (got {dim_size})")
-    if (index.numel() > 0 and index.device.type == 'cpu'
-            and not _is_compiling()):
+    if index.numel() > 0 and _should_validate(index):
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= dim_size:
             raise ValueError(f"'index' holds values in [{low}, {high}], out "
@@ -68,7 +75,7 @@ def _schedule(name: str, value: Value, num_iters: int, x: Tensor,
         raise ValueError(f"'{name}' must be a scalar or have shape "
                          f"({num_iters},), one value per iteration (got "
                          f"shape {tuple(out.shape)})")
-    if out.device.type == 'cpu' and not _is_compiling():
+    if _should_validate(out):
         bad = out.isnan() | (out <= 0 if positive else out < 0)
         if bool(bad.any()):
             bound = 'positive' if positive else 'non-negative'
@@ -82,30 +89,41 @@ def _safe_log(t: Tensor) -> Tensor:
     return t.clamp_min(torch.finfo(t.dtype).tiny).log()
 
 
-def _priors(x: Tensor, index: Tensor, num_sets: int, p: Optional[Tensor],
-            q: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    r"""Returns the priors ``p`` of shape ``(B, D)`` and ``q`` of shape ``(N,)``."""
-    num_nodes, num_dims = x.shape
+def _check_prior(name: str, prior: Tensor, shape: Tuple[int, ...]) -> None:
+    if prior.shape != shape:
+        raise ValueError(f"'{name}' must have shape {shape} (got "
+                         f"{tuple(prior.shape)})")
+    if _should_validate(prior) and not bool((prior >= 0).all()):
+        raise ValueError(f"'{name}' must be non-negative and not NaN")
+
+
+def _dim_prior(x: Tensor, num_sets: int, p: Optional[Tensor]) -> Tensor:
+    r"""The dimension prior ``p`` as a ``(B, D)`` tensor (default ``1 / D``)."""
+    num_dims = x.size(-1)
     if p is None:
-        p = x.new_full((num_sets, num_dims), 1.0 / num_dims)
-    elif p.shape == (num_dims, ):
-        p = p.to(x.dtype).expand(num_sets, num_dims)
-    elif p.shape != (num_sets, num_dims):
-        raise ValueError(f"'p' must have shape ({num_dims},) or "
-                         f"({num_sets}, {num_dims}) (got {tuple(p.shape)})")
+        return x.new_full((num_sets, num_dims), 1.0 / num_dims)
+    if p.dim() == 1:
+        _check_prior('p', p, (num_dims, ))
+        p = p.expand(num_sets, num_dims)
+    _check_prior('p', p, (num_sets, num_dims))
+    return p.to(x.dtype)
+
+
+def _node_prior(x: Tensor, index: Tensor, num_sets: int,
+                q: Optional[Tensor]) -> Tensor:
+    r"""The node prior ``q`` as an ``(N,)`` tensor (default ``1 / N_b`` in each set)."""
     if q is None:
         count = segment_count(index, num_sets, x.dtype).clamp_min(1)
-        q = count.reciprocal().index_select(0, index)
-    elif q.shape != (num_nodes, ):
-        raise ValueError(f"'q' must have shape ({num_nodes},), one entry per "
-                         f"node (got {tuple(q.shape)})")
-    return p.to(x.dtype), q.to(x.dtype)
+        return count.reciprocal().index_select(0, index)
+    _check_prior('q', q, (x.size(0), ))
+    return q.to(x.dtype)
 
 
 def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
               eps: Value, lam_p: Value, lam_q: Value, rho: Value,
-              num_iters: int, p: Optional[Tensor],
-              q: Optional[Tensor]) -> Tuple[Tensor, int]:
+              num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
+              log_q: Optional[Tensor],
+              memory_efficient: bool) -> Tuple[Tensor, int]:
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver '{solver}' (expected one of "
                          f"{list(SOLVERS)})")
@@ -113,19 +131,38 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
         raise ValueError(f"'num_iters' must be an integer >= 1 (got "
                          f"{num_iters!r})")
     num_sets = _check_input(x, index, dim_size)
-    p, q = _priors(x, index, num_sets, p, q)
-    log_p, log_q = _safe_log(p), _safe_log(q)
+    # Exponentials and log-sum-exps need float32 at least: upcast half inputs, and keep autocast
+    # from lowering any op in the solver.
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    log_p = _safe_log(_dim_prior(x, num_sets, p))
+    if log_q is None:
+        log_q = _safe_log(_node_prior(x, index, num_sets, q))
+    elif q is not None:
+        raise ValueError("Give the node prior as 'q' or as 'log_q', not both")
+    elif log_q.shape != (x.size(0), ):
+        raise ValueError(f"'log_q' must have shape ({x.size(0)},), one entry "
+                         f"per node (got {tuple(log_q.shape)})")
+    else:
+        log_q = log_q.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        log_plan = _solve(x, index, num_sets, solver, eps, lam_p, lam_q, rho,
+                          num_iters, log_p, log_q, memory_efficient)
+    return log_plan, num_sets
+
+
+def _solve(x: Tensor, index: Tensor, num_sets: int, solver: str, eps: Value,
+           lam_p: Value, lam_q: Value, rho: Value, num_iters: int,
+           log_p: Tensor, log_q: Tensor, memory_efficient: bool) -> Tensor:
     eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
     lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
     lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
     if solver == 'sinkhorn':
-        log_plan = sinkhorn_log_plan(x, index, num_sets, eps_k, lam_p_k,
-                                     lam_q_k, log_p, log_q)
-    else:
-        rho_k = _schedule('rho', rho, num_iters, x, positive=True)
-        log_plan = badmm_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k,
-                                  rho_k, log_p, log_q)
-    return log_plan, num_sets
+        return sinkhorn_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k,
+                                 log_p, log_q, memory_efficient)
+    rho_k = _schedule('rho', rho, num_iters, x, positive=True)
+    return badmm_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k, rho_k,
+                          log_p, log_q, memory_efficient)
 
 
 def uot_plan(
@@ -141,6 +178,8 @@ def uot_plan(
     num_iters: int = 4,
     p: Optional[Tensor] = None,
     q: Optional[Tensor] = None,
+    log_q: Optional[Tensor] = None,
+    memory_efficient: bool = True,
 ) -> Tensor:
     r"""The UOT plan :math:`T` of every set, stacked as the rows of ``x``.
 
@@ -159,6 +198,12 @@ def uot_plan(
         num_iters (int): The number of iterations ``K``.
         p (Tensor, optional): Dimension prior, shape ``(D,)`` or ``(B, D)`` (default ``1 / D``).
         q (Tensor, optional): Node prior, shape ``(N,)`` (default ``1 / N_b`` in each set).
+        log_q (Tensor, optional): The node prior as :math:`\log q`, instead of :obj:`q`: from a
+            log-softmax, it keeps gradients finite where :math:`q` underflows.
+        memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration's
+            ``(N, D)`` work instead of storing it, so training memory hardly grows with ``K``
+            (spec §5). :obj:`False` backpropagates through the unrolled iterations with plain
+            autograd, which also supports double backward.
 
     Each of ``eps``, ``lam_p``, ``lam_q`` and ``rho`` is a scalar or a tensor of shape ``(K,)`` (one
     value per iteration), and may require grad.
@@ -167,7 +212,8 @@ def uot_plan(
         Tensor: The plan, shape ``(N, D)``.
     """
     log_plan, _ = _log_plan(x, index, dim_size, solver, eps, lam_p, lam_q,
-                            rho, num_iters, p, q)
+                            rho, num_iters, p, q, log_q,
+                            memory_efficient)
     return log_plan.exp()
 
 
@@ -184,13 +230,16 @@ def uot_pool(
     num_iters: int = 4,
     p: Optional[Tensor] = None,
     q: Optional[Tensor] = None,
+    log_q: Optional[Tensor] = None,
+    memory_efficient: bool = True,
 ) -> Tensor:
     r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, shape ``(B, D)``.
 
     Takes the arguments of :func:`uot_plan`. An empty set gives a zero row.
     """
     log_plan, num_sets = _log_plan(x, index, dim_size, solver, eps, lam_p,
-                                   lam_q, rho, num_iters, p, q)
+                                   lam_q, rho, num_iters, p, q, log_q,
+                                   memory_efficient)
     return x.size(-1) * segment_sum(x * log_plan.exp(), index, num_sets)
 
 
@@ -211,7 +260,7 @@ def uot_diagnostics(plan: Tensor, index: Tensor,
     one deviates by design, by an amount that shrinks as its ``lam`` grows.
     """
     num_sets = _check_input(plan, index, dim_size)
-    p, q = _priors(plan, index, num_sets, p, q)
+    p, q = _dim_prior(plan, num_sets, p), _node_prior(plan, index, num_sets, q)
     dim_marginal = segment_sum(plan, index, num_sets)
     node_error = (plan.sum(dim=-1) - q).abs()
     return UOTDiagnostics(

@@ -3,9 +3,10 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from uotp_geometric.segment import segment_logsumexp
-from uotp_geometric.solvers.common import hardness
+from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
 
 
 def badmm_step(
@@ -36,7 +37,8 @@ def badmm_step(
 
     with :math:`h_q = \lambda_q / (\lambda_q + \rho)` and
     :math:`h_p = \lambda_p / (\lambda_p + \varepsilon + \rho)`. No step divides by
-    :math:`\varepsilon`, so :math:`\varepsilon = 0` is allowed.
+    :math:`\varepsilon`, so :math:`\varepsilon = 0` is allowed. The marginals :math:`\eta, \mu` are
+    capped at :data:`~uotp_geometric.solvers.common.MAX_LOG_MASS` (in log).
 
     Args:
         x (Tensor): Features of shape ``(N, D)``.
@@ -51,13 +53,13 @@ def badmm_step(
     g = log_s + (x - dual) / rho
     log_r = torch.logsumexp(g, dim=-1)
     h_q = hardness(lam_q, rho)
-    log_eta = (1 - h_q) * log_r + h_q * log_q
+    log_eta = ((1 - h_q) * log_r + h_q * log_q).clamp(max=MAX_LOG_MASS)
     log_t = g + (log_eta - log_r).unsqueeze(-1)
 
     h = (dual + rho * log_t) / (eps + rho)
     log_c = segment_logsumexp(h, index, num_sets)
     h_p = hardness(lam_p, eps + rho)
-    log_mu = (1 - h_p) * log_c + h_p * log_p
+    log_mu = ((1 - h_p) * log_c + h_p * log_p).clamp(max=MAX_LOG_MASS)
     log_s = h + (log_mu - log_c).index_select(0, index)
 
     dual = dual + rho * (log_t.exp() - log_s.exp())
@@ -74,6 +76,7 @@ def badmm_log_plan(
     rho: Tensor,
     log_p: Tensor,
     log_q: Tensor,
+    memory_efficient: bool = True,
 ) -> Tensor:
     r"""Solves, for every set :math:`b` of the batch, the unbalanced OT problem
 
@@ -89,10 +92,18 @@ def badmm_log_plan(
 
     ``eps``, ``lam_p``, ``lam_q`` and ``rho`` are 1-D tensors of length ``K``: iteration ``k`` uses
     entry ``k``. ``eps = 0`` is allowed (unregularised UOT, e.g. max pooling).
+
+    With :obj:`memory_efficient`, each iteration is checkpointed: the backward keeps only the state
+    ``(log S, Z)`` entering each iteration, ``2 N D`` values, and recomputes the rest.
     """
     log_s = log_q.unsqueeze(-1) + log_p.index_select(0, index)
     dual = torch.zeros_like(log_s)
+    lean = memory_efficient and torch.is_grad_enabled()
     for k in range(eps.numel()):
-        log_s, dual = badmm_step(x, index, num_sets, log_s, dual, eps[k],
-                                 lam_p[k], lam_q[k], rho[k], log_p, log_q)
+        args = (x, index, num_sets, log_s, dual, eps[k], lam_p[k], lam_q[k],
+                rho[k], log_p, log_q)
+        if lean:
+            log_s, dual = checkpoint(badmm_step, *args, use_reentrant=False)
+        else:
+            log_s, dual = badmm_step(*args)
     return log_s

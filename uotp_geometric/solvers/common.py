@@ -1,5 +1,11 @@
-from torch import Tensor
 import torch
+from torch import Tensor
+
+# The largest log-mass a plan entry (Sinkhorn) or marginal (BADMM) may take. Where the exact optimum
+# is larger (tiny lam with large |x| / eps lets the unbalanced mass grow like exp(|x| / eps)), its
+# pooled value and gradients overflow float32; capping at e^30 ~ 1e13 keeps them finite and touches
+# no plan whose entries are below 1e13.
+MAX_LOG_MASS = 30.0
 
 
 def hardness(lam: Tensor, scale: Tensor) -> Tensor:
