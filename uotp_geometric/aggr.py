@@ -9,7 +9,8 @@ from torch.nn import Linear, Parameter
 from torch_geometric.nn.aggr import Aggregation
 
 from uotp_geometric.functional import SOLVERS, uot_pool
-from uotp_geometric.segment import segment_count, segment_logsumexp
+from uotp_geometric.segment import (Segments, segment_count,
+                                    segment_logsumexp)
 
 __all__ = ['UOTAggregation', 'PRIORS', 'PRESETS']
 
@@ -184,13 +185,15 @@ class UOTAggregation(Aggregation):
     def _priors(self, x: Tensor, index: Tensor,
                 num_sets: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         r"""Returns the priors ``p`` and ``log q`` (``None`` for the uniform default)."""
+        segments = Segments(index, num_sets)
         if self.prior == 'attention':
-            # The log-softmax of the gate over each set: log q stays finite where q underflows.
-            score = self.gate(x)
-            log_norm = segment_logsumexp(score, index, num_sets)
-            return None, (score - log_norm.index_select(0, index)).squeeze(-1)
+            # The log-softmax of the gate over each set, in float32 even under autocast: log q stays
+            # finite where q underflows.
+            score = self.gate(x).float()
+            log_norm = segment_logsumexp(score, segments)
+            return None, (score - segments.gather(log_norm)).squeeze(-1)
         if self.prior == 'counting':
-            count = segment_count(index, num_sets, x.dtype)
+            count = segment_count(segments, x.dtype)
             p = (count / x.size(-1)).unsqueeze(-1).expand(-1, x.size(-1))
             return p, x.new_zeros(x.size(0))
         return None, None

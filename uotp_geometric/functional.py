@@ -19,7 +19,8 @@ import torch
 import torch_geometric
 from torch import Tensor
 
-from uotp_geometric.segment import segment_count, segment_sum
+from uotp_geometric.segment import (Segments, segment_count, segment_sum,
+                                    sorted_segments)
 from uotp_geometric.solvers import badmm_log_plan, sinkhorn_log_plan
 
 __all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
@@ -109,12 +110,12 @@ def _dim_prior(x: Tensor, num_sets: int, p: Optional[Tensor]) -> Tensor:
     return p.to(x.dtype)
 
 
-def _node_prior(x: Tensor, index: Tensor, num_sets: int,
+def _node_prior(x: Tensor, segments: Segments,
                 q: Optional[Tensor]) -> Tensor:
     r"""The node prior ``q`` as an ``(N,)`` tensor (default ``1 / N_b`` in each set)."""
     if q is None:
-        count = segment_count(index, num_sets, x.dtype).clamp_min(1)
-        return count.reciprocal().index_select(0, index)
+        count = segment_count(segments, x.dtype).clamp_min(1)
+        return segments.gather(count.reciprocal())
     _check_prior('q', q, (x.size(0), ))
     return q.to(x.dtype)
 
@@ -122,8 +123,10 @@ def _node_prior(x: Tensor, index: Tensor, num_sets: int,
 def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
               eps: Value, lam_p: Value, lam_q: Value, rho: Value,
               num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
-              log_q: Optional[Tensor],
-              memory_efficient: bool) -> Tuple[Tensor, int]:
+              log_q: Optional[Tensor], memory_efficient: bool
+              ) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
+    r"""Returns the log-plan, the features and sets it was solved on, and the row permutation
+    applied to them (``None`` where the rows kept their order)."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver '{solver}' (expected one of "
                          f"{list(SOLVERS)})")
@@ -135,9 +138,10 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
     # from lowering any op in the solver.
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    segments = Segments(index, num_sets)
     log_p = _safe_log(_dim_prior(x, num_sets, p))
     if log_q is None:
-        log_q = _safe_log(_node_prior(x, index, num_sets, q))
+        log_q = _safe_log(_node_prior(x, segments, q))
     elif q is not None:
         raise ValueError("Give the node prior as 'q' or as 'log_q', not both")
     elif log_q.shape != (x.size(0), ):
@@ -145,24 +149,29 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
                          f"per node (got {tuple(log_q.shape)})")
     else:
         log_q = log_q.to(x.dtype)
+    perm = None
+    if x.device.type != 'cpu':
+        # Rows grouped by set let every reduction run as a segment reduction instead of atomics.
+        perm, segments = sorted_segments(index, num_sets)
+        x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
     with torch.autocast(x.device.type, enabled=False):
-        log_plan = _solve(x, index, num_sets, solver, eps, lam_p, lam_q, rho,
+        log_plan = _solve(x, segments, solver, eps, lam_p, lam_q, rho,
                           num_iters, log_p, log_q, memory_efficient)
-    return log_plan, num_sets
+    return log_plan, x, segments, perm
 
 
-def _solve(x: Tensor, index: Tensor, num_sets: int, solver: str, eps: Value,
+def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
            lam_p: Value, lam_q: Value, rho: Value, num_iters: int,
            log_p: Tensor, log_q: Tensor, memory_efficient: bool) -> Tensor:
     eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
     lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
     lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
     if solver == 'sinkhorn':
-        return sinkhorn_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k,
-                                 log_p, log_q, memory_efficient)
+        return sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, log_p,
+                                 log_q, memory_efficient)
     rho_k = _schedule('rho', rho, num_iters, x, positive=True)
-    return badmm_log_plan(x, index, num_sets, eps_k, lam_p_k, lam_q_k, rho_k,
-                          log_p, log_q, memory_efficient)
+    return badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p,
+                          log_q, memory_efficient)
 
 
 def uot_plan(
@@ -211,10 +220,14 @@ def uot_plan(
     Returns:
         Tensor: The plan, shape ``(N, D)``.
     """
-    log_plan, _ = _log_plan(x, index, dim_size, solver, eps, lam_p, lam_q,
-                            rho, num_iters, p, q, log_q,
-                            memory_efficient)
-    return log_plan.exp()
+    log_plan, _, _, perm = _log_plan(x, index, dim_size, solver, eps, lam_p,
+                                     lam_q, rho, num_iters, p, q, log_q,
+                                     memory_efficient)
+    if perm is None:
+        return log_plan.exp()
+    inverse = torch.empty_like(perm).scatter_(
+        0, perm, torch.arange(perm.numel(), device=perm.device))
+    return log_plan.index_select(0, inverse).exp()
 
 
 def uot_pool(
@@ -237,10 +250,10 @@ def uot_pool(
 
     Takes the arguments of :func:`uot_plan`. An empty set gives a zero row.
     """
-    log_plan, num_sets = _log_plan(x, index, dim_size, solver, eps, lam_p,
-                                   lam_q, rho, num_iters, p, q, log_q,
-                                   memory_efficient)
-    return x.size(-1) * segment_sum(x * log_plan.exp(), index, num_sets)
+    log_plan, x, segments, _ = _log_plan(x, index, dim_size, solver, eps,
+                                         lam_p, lam_q, rho, num_iters, p, q,
+                                         log_q, memory_efficient)
+    return x.size(-1) * segment_sum(x * log_plan.exp(), segments)
 
 
 class UOTDiagnostics(NamedTuple):
@@ -259,12 +272,13 @@ def uot_diagnostics(plan: Tensor, index: Tensor,
     A hard marginal (``lam = inf``) should give an error near 0 once the solver has converged; a soft
     one deviates by design, by an amount that shrinks as its ``lam`` grows.
     """
-    num_sets = _check_input(plan, index, dim_size)
-    p, q = _dim_prior(plan, num_sets, p), _node_prior(plan, index, num_sets, q)
-    dim_marginal = segment_sum(plan, index, num_sets)
+    segments = Segments(index, _check_input(plan, index, dim_size))
+    p = _dim_prior(plan, segments.num_sets, p)
+    q = _node_prior(plan, segments, q)
+    dim_marginal = segment_sum(plan, segments)
     node_error = (plan.sum(dim=-1) - q).abs()
     return UOTDiagnostics(
         mass=dim_marginal.sum(dim=-1),
         dim_marginal_error=(dim_marginal - p).abs().sum(dim=-1),
-        node_marginal_error=segment_sum(node_error, index, num_sets),
+        node_marginal_error=segment_sum(node_error, segments),
     )

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from uotp_geometric.functional import uot_diagnostics, uot_plan, uot_pool
+from uotp_geometric.segment import available_backends, use_backend
 from tests.uotp_geometric.helpers import ragged_batch
 
 SIZES = [4, 1, 9, 6]
@@ -78,3 +79,17 @@ def test_diagnostics_mass_of_a_known_plan():
     # p = (0.5, 0.5): set 0 has column sums (0.3, 0.7); q = (0.5, 0.5): rows sum to (0.5, 0.5).
     torch.testing.assert_close(diag.dim_marginal_error, torch.tensor([0.4, 0.0]))
     torch.testing.assert_close(diag.node_marginal_error, torch.tensor([0.0, 0.0]))
+
+
+@pytest.mark.parametrize('backend', available_backends())
+@pytest.mark.parametrize('solver', ['sinkhorn', 'badmm'])
+def test_every_scatter_backend_gives_the_same_pooling(backend, solver):
+    x, index = ragged_batch([5, 0, 8, 1], 4, shuffle=True)
+    x.requires_grad_(True)
+    expected = uot_pool(x, index, 4, solver=solver, num_iters=6)
+    grad_expected, = torch.autograd.grad(expected.sum(), x)
+    with use_backend(backend):
+        out = uot_pool(x, index, 4, solver=solver, num_iters=6)
+        grad, = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-12)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from uotp_geometric.segment import (available_backends, segment_count,
-                                    segment_logsumexp, segment_sum,
-                                    use_backend)
+from uotp_geometric.segment import (Segments, available_backends,
+                                    segment_count, segment_logsumexp,
+                                    segment_sum, sorted_segments, use_backend)
 from tests.uotp_geometric.helpers import ragged_batch
 
 
@@ -13,46 +13,70 @@ def backend(request):
         yield request.param
 
 
-def test_logsumexp_matches_dense_per_set(backend):
+def layouts(x, index, num_sets):
+    r"""The same batch as scattered rows, and grouped by set with CSR offsets."""
+    yield x, Segments(index, num_sets)
+    perm, segments = sorted_segments(index, num_sets)
+    yield x[perm], segments
+
+
+@pytest.mark.parametrize('csr', [False, True])
+def test_logsumexp_matches_dense_per_set(backend, csr):
     sizes = [3, 0, 1, 17, 5]
     x, index = ragged_batch(sizes, 6, shuffle=True, scale=30.0)
-    out = segment_logsumexp(x, index, len(sizes))
+    x, segments = list(layouts(x, index, len(sizes)))[csr]
+    out = segment_logsumexp(x, segments)
     for b, size in enumerate(sizes):
         if size == 0:
             continue
-        expected = torch.logsumexp(x[index == b], dim=0)
+        expected = torch.logsumexp(x[segments.index == b], dim=0)
         torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-12)
 
 
-def test_logsumexp_empty_set_gradient_is_finite(backend):
-    x, index = ragged_batch([2, 0, 3], 4)
+@pytest.mark.parametrize('csr', [False, True])
+def test_logsumexp_empty_set_gradient_is_finite(backend, csr):
+    x, index = ragged_batch([2, 0, 3], 4, shuffle=True)
+    x, segments = list(layouts(x, index, 4))[csr]  # sets 1 and 3 are empty
     x.requires_grad_(True)
-    out = segment_logsumexp(x, index, 4)  # sets 1 and 3 are empty
+    out = segment_logsumexp(x, segments)
     assert torch.isfinite(out).all()
     # Weighting the empty rows too must not put a NaN anywhere.
     (out * torch.arange(1.0, 5.0, dtype=x.dtype).view(-1, 1)).sum().backward()
     assert torch.isfinite(x.grad).all()
     # d/dx LSE is the per-set softmax of x, columnwise.
-    soft = torch.softmax(x.detach()[index == 2], dim=0) * 3
-    torch.testing.assert_close(x.grad[index == 2], soft)
+    rows = segments.index == 2
+    soft = torch.softmax(x.detach()[rows], dim=0) * 3
+    torch.testing.assert_close(x.grad[rows], soft)
 
 
-def test_logsumexp_handles_minus_inf_and_large_values(backend):
+@pytest.mark.parametrize('csr', [False, True])
+def test_logsumexp_handles_minus_inf_and_large_values(backend, csr):
     index = torch.tensor([0, 0, 1, 1])
     x = torch.tensor([[-float('inf')], [1e4], [-float('inf')], [-float('inf')]],
                      dtype=torch.float64)
-    out = segment_logsumexp(x, index, 2)
+    x, segments = list(layouts(x, index, 2))[csr]
+    out = segment_logsumexp(x, segments)
     assert out[0].item() == 1e4
     assert out[1].item() < -700  # an all -inf set gives log(tiny), not NaN
 
 
-def test_sum_and_count(backend):
+@pytest.mark.parametrize('csr', [False, True])
+def test_sum_and_count(backend, csr):
     sizes = [4, 0, 2]
     x, index = ragged_batch(sizes, 3, shuffle=True)
-    out = segment_sum(x, index, 3)
+    x, segments = list(layouts(x, index, 3))[csr]
+    out = segment_sum(x, segments)
     for b in range(3):
-        torch.testing.assert_close(out[b], x[index == b].sum(0))
-    assert segment_count(index, 3).tolist() == [4.0, 0.0, 2.0]
+        torch.testing.assert_close(out[b], x[segments.index == b].sum(0))
+    assert segment_count(segments).tolist() == [4.0, 0.0, 2.0]
+
+
+def test_sorted_segments_groups_rows_by_set():
+    index = torch.tensor([2, 0, 2, 1, 0, 2])
+    perm, segments = sorted_segments(index, 4)
+    assert segments.index.tolist() == [0, 0, 1, 2, 2, 2]
+    assert perm.tolist() == [1, 4, 3, 0, 2, 5]  # stable
+    assert segments.ptr.tolist() == [0, 2, 3, 6, 6]
 
 
 def test_unknown_backend_is_rejected():

@@ -5,14 +5,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from uotp_geometric.segment import segment_logsumexp
+from uotp_geometric.segment import Segments, segment_logsumexp
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
 
 
 def badmm_step(
     x: Tensor,
-    index: Tensor,
-    num_sets: int,
+    segments: Segments,
     log_s: Tensor,
     dual: Tensor,
     eps: Tensor,
@@ -42,8 +41,7 @@ def badmm_step(
 
     Args:
         x (Tensor): Features of shape ``(N, D)``.
-        index (Tensor): The set of each row, shape ``(N,)``.
-        num_sets (int): The number of sets ``B``.
+        segments (Segments): The set of each row, ``B`` sets.
         log_s (Tensor): :math:`\log S`, shape ``(N, D)``.
         dual (Tensor): :math:`Z`, shape ``(N, D)``.
         eps, lam_p, lam_q, rho (Tensor): Scalar tensors, ``eps >= 0``, ``rho > 0``.
@@ -57,10 +55,10 @@ def badmm_step(
     log_t = g + (log_eta - log_r).unsqueeze(-1)
 
     h = (dual + rho * log_t) / (eps + rho)
-    log_c = segment_logsumexp(h, index, num_sets)
+    log_c = segment_logsumexp(h, segments)
     h_p = hardness(lam_p, eps + rho)
     log_mu = ((1 - h_p) * log_c + h_p * log_p).clamp(max=MAX_LOG_MASS)
-    log_s = h + (log_mu - log_c).index_select(0, index)
+    log_s = h + segments.gather(log_mu - log_c)
 
     dual = dual + rho * (log_t.exp() - log_s.exp())
     return log_s, dual
@@ -68,8 +66,7 @@ def badmm_step(
 
 def badmm_log_plan(
     x: Tensor,
-    index: Tensor,
-    num_sets: int,
+    segments: Segments,
     eps: Tensor,
     lam_p: Tensor,
     lam_q: Tensor,
@@ -96,11 +93,11 @@ def badmm_log_plan(
     With :obj:`memory_efficient`, each iteration is checkpointed: the backward keeps only the state
     ``(log S, Z)`` entering each iteration, ``2 N D`` values, and recomputes the rest.
     """
-    log_s = log_q.unsqueeze(-1) + log_p.index_select(0, index)
+    log_s = log_q.unsqueeze(-1) + segments.gather(log_p)
     dual = torch.zeros_like(log_s)
     lean = memory_efficient and torch.is_grad_enabled()
     for k in range(eps.numel()):
-        args = (x, index, num_sets, log_s, dual, eps[k], lam_p[k], lam_q[k],
+        args = (x, segments, log_s, dual, eps[k], lam_p[k], lam_q[k],
                 rho[k], log_p, log_q)
         if lean:
             log_s, dual = checkpoint(badmm_step, *args, use_reentrant=False)

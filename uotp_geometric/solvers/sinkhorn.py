@@ -4,14 +4,13 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from uotp_geometric.segment import segment_logsumexp, segment_sum
+from uotp_geometric.segment import Segments, segment_logsumexp, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
 
 
 def sinkhorn_step(
     x: Tensor,
-    index: Tensor,
-    num_sets: int,
+    segments: Segments,
     v: Tensor,
     scale: Tensor,
     c_p: Tensor,
@@ -31,8 +30,7 @@ def sinkhorn_step(
 
     Args:
         x (Tensor): Features of shape ``(N, D)``.
-        index (Tensor): The set of each row, shape ``(N,)``.
-        num_sets (int): The number of sets ``B``.
+        segments (Segments): The set of each row, ``B`` sets.
         v (Tensor): Node potentials of the previous iteration, shape ``(N,)``. (The new ``u``
             depends on ``v`` alone.)
         scale, c_p, c_q (Tensor): Scalar tensors :math:`1 / \varepsilon`, :math:`c_p`, :math:`c_q`.
@@ -43,22 +41,22 @@ def sinkhorn_step(
         The new ``u`` ``(B, D)`` and ``v`` ``(N,)``, and the two log-sum-exps they were made from
         (``(B, D)`` and ``(N,)``), which a backward pass can reuse.
     """
-    lse_u = segment_logsumexp(torch.addcmul(v.unsqueeze(-1), x, scale), index,
-                              num_sets)
+    lse_u = segment_logsumexp(torch.addcmul(v.unsqueeze(-1), x, scale),
+                              segments)
     u = c_p * (log_p - lse_u)
-    lse_v = torch.logsumexp(torch.addcmul(u.index_select(0, index), x, scale),
+    lse_v = torch.logsumexp(torch.addcmul(segments.gather(u), x, scale),
                             dim=-1)
     v = c_q * (log_q - lse_v)
     return u, v, lse_u, lse_v
 
 
-def _sinkhorn_loop(x: Tensor, index: Tensor, num_sets: int, scale: Tensor,
+def _sinkhorn_loop(x: Tensor, segments: Segments, scale: Tensor,
                    c_p: Tensor, c_q: Tensor, log_p: Tensor,
                    log_q: Tensor) -> Tuple[Tensor, Tensor]:
     v = log_q.new_zeros(x.size(0))
-    u = log_p.new_zeros(num_sets, x.size(-1))
+    u = torch.zeros_like(log_p)
     for k in range(scale.numel()):
-        u, v, _, _ = sinkhorn_step(x, index, num_sets, v, scale[k], c_p[k],
+        u, v, _, _ = sinkhorn_step(x, segments, v, scale[k], c_p[k],
                                    c_q[k], log_p, log_q)
     return u, v
 
@@ -69,20 +67,19 @@ class _SinkhornPotentials(torch.autograd.Function):
     (spec §5). Differentiable once (no double backward).
     """
     @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor, num_sets: int,
-                scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
+    def forward(ctx: Any, x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
                 log_q: Tensor) -> Tuple[Tensor, Tensor]:
         v = log_q.new_zeros(x.size(0))
         vs, us, lse_us, lse_vs = [], [], [], []
         for k in range(scale.numel()):
             vs.append(v)
-            u, v, lse_u, lse_v = sinkhorn_step(x, index, num_sets, v, scale[k],
+            u, v, lse_u, lse_v = sinkhorn_step(x, segments, v, scale[k],
                                                c_p[k], c_q[k], log_p, log_q)
             us.append(u)
             lse_us.append(lse_u)
             lse_vs.append(lse_v)
-        ctx.num_sets = num_sets
-        ctx.save_for_backward(x, index, scale, c_p, c_q, log_p, log_q,
+        ctx.segments = segments
+        ctx.save_for_backward(x, scale, c_p, c_q, log_p, log_q,
                               torch.stack(vs), torch.stack(us),
                               torch.stack(lse_us), torch.stack(lse_vs))
         return u, v
@@ -90,9 +87,9 @@ class _SinkhornPotentials(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_u: Optional[Tensor],
                  grad_v: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        (x, index, scale, c_p, c_q, log_p, log_q, vs, us, lse_us,
+        (x, scale, c_p, c_q, log_p, log_q, vs, us, lse_us,
          lse_vs) = ctx.saved_tensors
-        num_sets = ctx.num_sets
+        segments = ctx.segments
         grad_x = torch.zeros_like(x)
         grad_scale, grad_c_p, grad_c_q = (torch.zeros_like(scale),
                                           torch.zeros_like(c_p),
@@ -102,17 +99,17 @@ class _SinkhornPotentials(torch.autograd.Function):
         gv = grad_v if grad_v is not None else torch.zeros_like(log_q)
         for k in reversed(range(scale.numel())):
             # v = c_q (log q - LSE_d B), B = s x + u[index]: dv/dB is -c_q softmax_d(B).
-            logits_v = torch.addcmul(us[k].index_select(0, index), x, scale[k])
+            logits_v = torch.addcmul(segments.gather(us[k]), x, scale[k])
             grad_b = (logits_v - lse_vs[k].unsqueeze(-1)).exp_()
             grad_b.mul_((-c_q[k] * gv).unsqueeze(-1))
             grad_c_q[k] = torch.dot(gv, log_q - lse_vs[k])
             grad_log_q.add_(c_q[k] * gv)
-            gu = gu + segment_sum(grad_b, index, num_sets)
+            gu = gu + segment_sum(grad_b, segments)
 
             # u = c_p (log p - LSE_{n in b} A), A = s x + v_prev: du/dA is -c_p softmax_n(A).
             logits_u = torch.addcmul(vs[k].unsqueeze(-1), x, scale[k])
-            grad_a = (logits_u - lse_us[k].index_select(0, index)).exp_()
-            grad_a.mul_(-c_p[k] * gu.index_select(0, index))
+            grad_a = (logits_u - segments.gather(lse_us[k])).exp_()
+            grad_a.mul_(-c_p[k] * segments.gather(gu))
             grad_c_p[k] = (gu * (log_p - lse_us[k])).sum()
             grad_log_p.add_(c_p[k] * gu)
             gv = grad_a.sum(dim=-1)  # gradient of the previous v
@@ -121,14 +118,13 @@ class _SinkhornPotentials(torch.autograd.Function):
             grad_x.add_(scale[k] * grad_logits)
             grad_scale[k] = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
             gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
-        return (grad_x, None, None, grad_scale, grad_c_p, grad_c_q, grad_log_p,
+        return (grad_x, None, grad_scale, grad_c_p, grad_c_q, grad_log_p,
                 grad_log_q)
 
 
 def sinkhorn_log_plan(
     x: Tensor,
-    index: Tensor,
-    num_sets: int,
+    segments: Segments,
     eps: Tensor,
     lam_p: Tensor,
     lam_q: Tensor,
@@ -157,11 +153,10 @@ def sinkhorn_log_plan(
     scale = eps.reciprocal()
     c_p, c_q = hardness(lam_p, eps), hardness(lam_q, eps)
     if memory_efficient and torch.is_grad_enabled():
-        u, v = _SinkhornPotentials.apply(x, index, num_sets, scale, c_p, c_q,
-                                         log_p, log_q)
+        u, v = _SinkhornPotentials.apply(x, segments, scale, c_p, c_q, log_p,
+                                         log_q)
     else:
-        u, v = _sinkhorn_loop(x, index, num_sets, scale, c_p, c_q, log_p,
-                              log_q)
-    log_plan = torch.addcmul(u.index_select(0, index) + v.unsqueeze(-1), x,
+        u, v = _sinkhorn_loop(x, segments, scale, c_p, c_q, log_p, log_q)
+    log_plan = torch.addcmul(segments.gather(u) + v.unsqueeze(-1), x,
                              scale[-1])
     return log_plan.clamp(max=MAX_LOG_MASS)
