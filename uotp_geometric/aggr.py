@@ -189,7 +189,9 @@ class UOTAggregation(Aggregation):
         if self.prior == 'attention':
             # The log-softmax of the gate over each set, in float32 even under autocast: log q stays
             # finite where q underflows.
-            score = self.gate(x).float()
+            score = self.gate(x)
+            if score.dtype in (torch.float16, torch.bfloat16):
+                score = score.float()
             log_norm = segment_logsumexp(score, segments)
             return None, (score - segments.gather(log_norm)).squeeze(-1)
         if self.prior == 'counting':
