@@ -1,0 +1,122 @@
+"""The GIN backbone of PyG's ``benchmark/kernel`` and the readout factory: pooling name -> aggregation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import BatchNorm1d, Identity, Linear, ModuleList, Parameter, ReLU, Sequential
+from torch_geometric.nn import GINConv, MLP, aggr
+
+from uotp_geometric import UOTAggregation
+
+POOLINGS = ("add", "mean", "max", "mixed", "softmax", "gem", "attention", "gated_attention", "set2set",
+            "deepsets", "gmt", "uot", "uot_badmm")
+
+
+class MixedAggregation(aggr.Aggregation):
+    r"""Mixed mean/max pooling (Lee et al., AISTATS 2016) with one learned mixing weight,
+    :math:`\sigma(a) \cdot \mathrm{mean} + (1 - \sigma(a)) \cdot \mathrm{max}`, starting from an even mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = Parameter(torch.zeros(1))
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.zeros_(self.logit)
+
+    def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
+                dim_size: Optional[int] = None, dim: int = -2) -> Tensor:
+        weight = self.logit.sigmoid()
+        mean = self.reduce(x, index, ptr, dim_size, dim, reduce="mean")
+        maximum = self.reduce(x, index, ptr, dim_size, dim, reduce="max")
+        return weight * mean + (1 - weight) * maximum
+
+
+class GatedAttentionGate(torch.nn.Module):
+    r"""The gate of gated attention pooling (Ilse et al., ICML 2018):
+    :math:`w^\top (\tanh(V x) \odot \sigma(U x))`, one score per node."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.V = Linear(channels, channels)
+        self.U = Linear(channels, channels)
+        self.w = Linear(channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w(self.V(x).tanh() * self.U(x).sigmoid())
+
+
+def make_readout(name: str, channels: int, num_iters: int = 4, eps: float = 1.0, lam_p: float = float("inf"),
+                 lam_q: float = 1.0) -> tuple[aggr.Aggregation, int]:
+    """The graph readout called ``name`` for ``channels``-wide node features, and its output width.
+
+    This is the one place a pooling is chosen by name, so that every pooling is trained the same way.
+    ``num_iters``, ``eps``, ``lam_p`` and ``lam_q`` set ``uot`` (Sinkhorn) and ``uot_badmm`` (BADMM): the
+    number of solver iterations and the initial values of the learned parameters.
+    """
+    out_channels = channels
+    if name == "add":
+        readout = aggr.SumAggregation()
+    elif name == "mean":
+        readout = aggr.MeanAggregation()
+    elif name == "max":
+        readout = aggr.MaxAggregation()
+    elif name == "mixed":
+        readout = MixedAggregation()
+    elif name == "softmax":
+        readout = aggr.SoftmaxAggregation(learn=True)
+    elif name == "gem":
+        readout = aggr.PowerMeanAggregation(learn=True)
+    elif name == "attention":
+        readout = aggr.AttentionalAggregation(gate_nn=Linear(channels, 1))
+    elif name == "gated_attention":
+        readout = aggr.AttentionalAggregation(gate_nn=GatedAttentionGate(channels),
+                                              nn=Sequential(Linear(channels, channels), ReLU()))
+    elif name == "set2set":
+        readout = aggr.Set2Set(channels, processing_steps=4)  # as in benchmark/kernel's set2set.py
+        out_channels = 2 * channels
+    elif name == "deepsets":
+        readout = aggr.DeepSetsAggregation(local_nn=MLP([channels, channels, channels], norm=None),
+                                           global_nn=MLP([channels, channels, channels], norm=None))
+    elif name == "gmt":
+        readout = aggr.GraphMultisetTransformer(channels, k=16, heads=4)
+    elif name in ("uot", "uot_badmm"):
+        readout = UOTAggregation(solver="sinkhorn" if name == "uot" else "badmm", num_iters=num_iters, eps=eps,
+                                 lam_p=lam_p, lam_q=lam_q)
+    else:
+        raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}")
+    return readout, out_channels
+
+
+class GIN(torch.nn.Module):
+    """GIN of PyG's ``benchmark/kernel/gin.py`` with the readout chosen by name.
+
+    Each layer is ``GINConv(Linear-ReLU-Linear-ReLU-BatchNorm, train_eps=True)``; the graph embedding goes
+    through ``Linear-ReLU-Dropout-Linear`` to class logits. ``readout_kwargs`` go to :func:`make_readout`.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, pooling: str, hidden: int = 64, num_layers: int = 5,
+                 dropout: float = 0.5, batch_norm: bool = True, **readout_kwargs: float) -> None:
+        super().__init__()
+        self.convs = ModuleList()
+        for i in range(num_layers):
+            mlp = Sequential(
+                Linear(in_channels if i == 0 else hidden, hidden), ReLU(),
+                Linear(hidden, hidden), ReLU(),
+                BatchNorm1d(hidden) if batch_norm else Identity(),
+            )
+            self.convs.append(GINConv(mlp, train_eps=True))
+        self.readout, readout_channels = make_readout(pooling, hidden, **readout_kwargs)
+        self.lin1 = Linear(readout_channels, hidden)
+        self.lin2 = Linear(hidden, num_classes)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor, batch_size: Optional[int] = None) -> Tensor:
+        for conv in self.convs:
+            x = conv(x, edge_index)
+        x = self.readout(x, batch, dim_size=batch_size)
+        x = F.relu(self.lin1(x))
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        return self.lin2(x)
