@@ -1,0 +1,178 @@
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import Linear
+from torch_geometric.nn import GINConv
+
+from experiments.adgcl import (AdgclConfig, WeightedGINConv, drop_regulariser, main, nt_xent, parse_config,
+                               svm_accuracies)
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small and reproducible: the same thread count in every run
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _args(out, cache, *extra):
+    return ["--config", str(REPO / "configs/adgcl/mutag.yaml"), "--root", str(REPO / "data"), "--cache", str(cache),
+            "--out", str(out), *extra]
+
+
+def _run(*args):
+    # A fresh process, as a user runs it: no state left over from other tests.
+    subprocess.run([sys.executable, "-m", "experiments.adgcl", *args], cwd=REPO, env=ENV, check=True,
+                   capture_output=True)
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def _rows(path, drop=("train_seconds", "seconds")):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def test_acceptance(cache, tmp_path):
+    """The issue's check: 2 epochs, seed 0, UOT readout, on all of MUTAG with 10 folds."""
+    _run(*_args(tmp_path, cache, "--epochs", "2", "--seeds", "0", "--pooling", "uot"))
+    results = _results(tmp_path)
+    assert (results["dataset"], results["pooling"], results["metric"]) == ("MUTAG", "uot", "accuracy")
+    assert [seed["seed"] for seed in results["seeds"]] == [0]
+    assert all(0 <= seed["test_acc"] <= 1 and 0 <= seed["val_acc"] <= 1 for seed in results["seeds"])
+    assert results["mean"] == results["seeds"][0]["test_acc"]
+    assert results["config"]["folds"] == 10 and results["config"]["epochs"] == 2
+    rows = _rows(tmp_path / "seed0.csv", drop=())
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    best = int(np.argmax([float(row["val_acc"]) for row in rows]))  # the first epoch of highest validation acc
+    assert results["seeds"][0]["best_epoch"] == best + 1
+    assert results["seeds"][0]["test_acc"] == float(rows[best]["test_acc"])
+
+
+def test_nt_xent_by_hand():
+    # Cosines: s11 = 1, s12 = s22 = 1/sqrt(2), s21 = 0; with 2 graphs each row and column has one negative.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_aug = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    s12 = s22 = 1 / math.sqrt(2)
+    rows = ((s12 - 1) + (0 - s22)) / 2 / 0.2  # row i: s_ij - s_ii
+    cols = ((0 - 1) + (s12 - s22)) / 2 / 0.2  # column j: s_ij - s_jj
+    assert nt_xent(z, z_aug, 0.2).item() == pytest.approx((rows + cols) / 2, abs=1e-6)
+    assert (rows + cols) / 2 == pytest.approx(-2.5)
+
+
+def test_nt_xent_matches_adgcl():
+    # AD-GCL's GInfoMinMax.calc_loss, written with exp and division.
+    z, z_aug = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).double().chunk(2)
+    sim = torch.exp(z @ z_aug.t() / torch.outer(z.norm(dim=1), z_aug.norm(dim=1)) / 0.2)
+    pos = sim.diagonal()
+    expected = (-torch.log(pos / (sim.sum(0) - pos)).mean() - torch.log(pos / (sim.sum(1) - pos)).mean()) / 2
+    assert nt_xent(z, z_aug, 0.2).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_weighted_gin_conv():
+    x = torch.randn(4, 3)
+    edge_index = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]])
+    conv = WeightedGINConv(Linear(3, 5))
+    gin = GINConv(conv.nn)
+    assert torch.allclose(conv(x, edge_index), gin(x, edge_index))  # no weights: plain GIN
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0])  # 0/1 weights drop edges
+    assert torch.allclose(conv(x, edge_index, keep), gin(x, edge_index[:, keep.bool()]))
+
+
+def test_drop_regulariser_skips_graphs_without_edges():
+    keep = torch.tensor([1.0, 0.5, 0.0])
+    edge_batch = torch.tensor([0, 0, 2])  # graph 1 has no edges
+    assert drop_regulariser(keep, edge_batch, 3).item() == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_svm_accuracies_in_unit_interval():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    embeddings = rng.normal(size=(100, 8)) + 3 * y[:, None]  # linearly separable up to a few points
+    accs = svm_accuracies(embeddings, y, folds=5, seed=0)
+    assert all(0 <= acc <= 1 for acc in accs)
+    assert accs[2] > 0.9
+    assert svm_accuracies(embeddings, y, folds=5, seed=0) == accs  # seeded splits
+
+
+def test_config_flags_and_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: PROTEINS\nseeds: 3\nlr: 1\n")
+    config = parse_config(["--config", str(path), "--pooling", "uot"])
+    assert config.seeds == [3] and config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.out == "runs/adgcl-PROTEINS-uot"
+    assert parse_config(["--seeds", "0", "2"]).seeds == [0, 2]
+    assert parse_config([]).seeds == [0, 1, 2, 3, 4]
+    path.write_text("epochs: 2.5\n")
+    with pytest.raises(TypeError, match="epochs"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(AdgclConfig), ids=lambda f: f.name)
+def test_every_field_has_a_flag(field):
+    kind = typing.get_type_hints(AdgclConfig)[field.name]
+    value, text = {int: (12, ["12"]), float: (0.125, ["0.125"]), str: ("xyz", ["xyz"]),
+                   list[int]: ([1, 2], ["1", "2"])}[kind]
+    assert getattr(parse_config([f"--{field.name}", *text]), field.name) == value
+
+
+# Two seeds of 2 epochs each with 3 SVM folds: small, yet a kill can land inside a seed or between seeds.
+SMALL = ("--pooling", "uot", "--epochs", "2", "--seeds", "0", "1", "--folds", "3")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("reference")
+    _run(*_args(out, cache, *SMALL))
+    return out
+
+
+def test_resume_after_sigkill_is_exact(reference, cache, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.adgcl", *_args(out, cache, *SMALL)], cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "seed0.pt").exists():
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()  # the kill hit before the end
+    log_before = (out / "seed0.csv").read_text().splitlines()
+
+    _run(*_args(out, cache, *SMALL))
+    assert _results(out)["seeds"] == _results(reference)["seeds"]  # exactly, not approximately
+    assert _results(out)["mean"] == _results(reference)["mean"]
+    # The epochs before the kill were kept (with their timings), not trained again.
+    assert (out / "seed0.csv").read_text().splitlines()[:len(log_before)] == log_before
+    for seed in (0, 1):
+        assert _rows(out / f"seed{seed}.csv") == _rows(reference / f"seed{seed}.csv")
+
+
+def test_finished_seeds_are_not_recomputed(reference, cache):
+    stamps = {path.name: path.stat().st_mtime_ns for path in reference.glob("seed*")}
+    seeds = _results(reference)["seeds"]
+    main(_args(reference, cache, *SMALL))
+    assert {path.name: path.stat().st_mtime_ns for path in reference.glob("seed*")} == stamps
+    assert _results(reference)["seeds"] == seeds
+
+
+def test_resume_refuses_another_config(reference, cache):
+    with pytest.raises(SystemExit, match="reg_lambda"):
+        main(_args(reference, cache, *SMALL, "--reg_lambda", "1"))
