@@ -13,20 +13,25 @@ import yaml
 
 @dataclass
 class Config:
-    """One TU graph-classification run; the defaults are PyG's ``benchmark/kernel`` protocol."""
+    """One run: TU graph classification or, for a dataset named ``ogbg-*``, OGB graph property prediction.
 
-    dataset: str = "MUTAG"
-    root: str = "data"  # holds <dataset>/raw; only read, never written
+    The defaults are PyG's ``benchmark/kernel`` protocol for TU datasets (k-fold cross-validation, one seed);
+    ``configs/ogb/*.yaml`` set OGB's ``examples/graphproppred/mol`` recipe (official split, one run per seed).
+    """
+
+    dataset: str = "MUTAG"  # a TUDataset name, or an OGB name such as ogbg-molhiv
+    root: str = "data"  # holds <dataset>/raw (TU) or ogbg_<name>/ (OGB); only read, never written
     cache: str = "~/.cache/uotp_geometric/TUDataset"  # writable copy where PyG writes processed/
     out: str = "runs/{dataset}-{pooling}-seed{seed}"  # run directory; {field} takes the field's value
     pooling: str = "add"  # a name known to experiments.models.make_readout
-    folds: int = 10
+    folds: int = 10  # TU only; OGB datasets come with their own split
     epochs: int = 100
     batch_size: int = 128  # the global batch, split over DDP processes
     lr: float = 0.01
     lr_step: int = 50
     lr_gamma: float = 0.5
-    hidden: int = 64
+    backbone: str = "gin"  # TU: gin (benchmark/kernel); OGB: gin or gin-virtual (examples/graphproppred/mol)
+    hidden: int = 64  # node embedding width (OGB's emb_dim)
     num_layers: int = 5
     dropout: float = 0.5
     batch_norm: bool = True
@@ -36,13 +41,20 @@ class Config:
     uot_eps: float = 1.0
     uot_lam_p: float = float("inf")
     uot_lam_q: float = 1.0
-    seed: int = 0
+    seed: int = 0  # TU: the run's seed; OGB: the first of num_seeds consecutive seeds
+    num_seeds: int = 1  # OGB only: one run per seed, seed, seed + 1, ...
     device: str = "cpu"
     num_workers: int = 0
 
+    @property
+    def is_ogb(self) -> bool:
+        """Whether :attr:`dataset` names an OGB graph property prediction dataset."""
+        return self.dataset.startswith("ogbg-")
 
-# Fields that say where and how a run executes, not what it computes: a run may resume under other values.
-RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "num_workers"})
+
+# Fields that no checkpoint depends on, so a run may resume under other values: where and how a run executes,
+# and how many seeds an OGB run has (each seed trains alone, so 3 seeds can be extended to 10).
+RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "num_workers", "num_seeds"})
 
 
 def _bool(text: str) -> bool:
@@ -64,7 +76,8 @@ def _typed(name: str, value: Any, kind: type) -> Any:
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top."""
     kinds = typing.get_type_hints(Config)
-    parser = argparse.ArgumentParser(description="TU graph classification, PyG benchmark/kernel protocol.")
+    parser = argparse.ArgumentParser(description="Graph classification on TU datasets (PyG benchmark/kernel "
+                                                 "protocol) and OGB molecules (OGB's examples/graphproppred/mol).")
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
     for field in dataclasses.fields(Config):
         kind = kinds[field.name]

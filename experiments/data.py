@@ -1,4 +1,7 @@
-"""TU datasets from an offline root, loaded through a writable cache, with PyG's kernel-benchmark features."""
+"""TU and OGB datasets from an offline root, loaded through a writable cache.
+
+TU graphs get PyG's kernel-benchmark node features; OGB molecules keep OGB's integer atom and bond features.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch_geometric.transforms as T
-from torch_geometric.data import Data
+from torch_geometric.data import Data, InMemoryDataset
 from torch_geometric.datasets import TUDataset
 from torch_geometric.transforms import BaseTransform
 from torch_geometric.utils import degree
@@ -26,6 +29,22 @@ class NormalizedDegree(BaseTransform):
         return data
 
 
+def _copy_once(src: Path, dst: Path) -> None:
+    """Copies the files under ``src`` to ``dst``, unless ``dst`` exists or ``src`` does not."""
+    if not src.is_dir() or dst.is_dir():
+        return
+    # Copy to a temporary name and rename it, so that a killed copy is never taken for a complete one.
+    tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    for file in sorted(src.rglob("*")):
+        if file.is_file():
+            target = tmp / file.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Files only, not copy2 or copytree: a read-only root must not make the cache read-only too.
+            shutil.copyfile(file, target)
+    tmp.rename(dst)
+
+
 def load_tu(name: str, root: str | os.PathLike, cache: str | os.PathLike) -> TUDataset:
     """Loads TU dataset ``name`` from ``root/name/raw`` without ever writing into ``root``.
 
@@ -33,16 +52,8 @@ def load_tu(name: str, root: str | os.PathLike, cache: str | os.PathLike) -> TUD
     ``root/name/raw``, PyG downloads the raw files into the cache. Graphs without node features get a one-hot
     degree, or the standardised degree when the maximum degree is 1000 or more, as in ``benchmark/kernel``.
     """
-    src = Path(root).expanduser() / name / "raw"
     cache = Path(cache).expanduser()
-    dst = cache / name / "raw"
-    if src.is_dir() and not dst.is_dir():
-        # Copy to a temporary name and rename it, so that a killed copy is never taken for a complete one.
-        tmp = dst.with_name(f"raw.tmp{os.getpid()}")
-        tmp.mkdir(parents=True)
-        for file in src.iterdir():
-            shutil.copyfile(file, tmp / file.name)  # not copy2: a read-only root must not make the cache so
-        tmp.rename(dst)
+    _copy_once(Path(root).expanduser() / name / "raw", cache / name / "raw")
     dataset = TUDataset(str(cache), name)
 
     if dataset.num_node_features == 0:
@@ -54,3 +65,23 @@ def load_tu(name: str, root: str | os.PathLike, cache: str | os.PathLike) -> TUD
             deg = torch.cat(degs).float()
             dataset.transform = NormalizedDegree(deg.mean().item(), deg.std().item())
     return dataset
+
+
+def load_ogb(name: str, root: str | os.PathLike, cache: str | os.PathLike) -> InMemoryDataset:
+    """Loads OGB graph property dataset ``name`` (e.g. ``"ogbg-molhiv"``) without ever writing into ``root``.
+
+    ``root`` holds OGB's folder layout, ``root/ogbg_molhiv/{RELEASE_v1.txt,raw,split,mapping}``; the folder is
+    copied to ``cache`` once, and PyG writes ``processed/`` there. Without ``root/ogbg_molhiv``, OGB downloads
+    the dataset into the cache.
+    """
+    # ogb's own imports, here so that TU runs need no ogb installed (it is the optional "ogb" extra).
+    from ogb.graphproppred import PygGraphPropPredDataset
+    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import GlobalStorage
+
+    cache = Path(cache).expanduser()
+    folder = name.replace("-", "_")  # OGB's directory name
+    _copy_once(Path(root).expanduser() / folder, cache / folder)
+    # ogb 1.3.6 reads its processed file with torch.load's default, which is weights_only=True from torch 2.6.
+    torch.serialization.add_safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage])
+    return PygGraphPropPredDataset(name, root=str(cache))

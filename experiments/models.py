@@ -1,4 +1,5 @@
-"""The GIN backbone of PyG's ``benchmark/kernel`` and the readout factory: pooling name -> aggregation."""
+"""The readout factory (pooling name -> aggregation) and the backbones it is trained in: the GIN of PyG's
+``benchmark/kernel`` for TU datasets, and the GIN / GIN-virtual of OGB's ``examples/graphproppred/mol``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import BatchNorm1d, Identity, Linear, ModuleList, Parameter, ReLU, Sequential
-from torch_geometric.nn import GINConv, MLP, aggr
+from torch_geometric.nn import GINConv, GINEConv, MLP, aggr, global_add_pool
 
 from uotp_geometric import UOTAggregation
 
@@ -120,3 +121,88 @@ class GIN(torch.nn.Module):
         x = F.relu(self.lin1(x))
         x = F.dropout(x, p=self.dropout, training=self.training)
         return self.lin2(x)
+
+
+BACKBONES = ("gin", "gin-virtual")  # OGB's names (its --gnn flag)
+
+
+def _mlp(*channels: int, batch_norm: bool) -> Sequential:
+    """``Linear-BatchNorm-ReLU`` blocks and a last ``Linear`` (OGB's GIN and virtual-node MLPs)."""
+    layers: list[torch.nn.Module] = []
+    for i in range(len(channels) - 1):
+        layers.append(Linear(channels[i], channels[i + 1]))
+        if i < len(channels) - 2:
+            layers += [BatchNorm1d(channels[i + 1]) if batch_norm else Identity(), ReLU()]
+    return Sequential(*layers)
+
+
+class BondGINConv(torch.nn.Module):
+    r"""The GIN layer of OGB's ``mol/conv.py``: :class:`~torch_geometric.nn.conv.GINEConv` on ``BondEncoder``
+    edge embeddings, :math:`\mathrm{MLP}((1 + \epsilon) x_i + \sum_j \mathrm{ReLU}(x_j + e_{ji}))`, with a
+    learned :math:`\epsilon` starting at 0 and the MLP ``Linear-BatchNorm-ReLU-Linear`` of width ``2 * emb_dim``."""
+
+    def __init__(self, emb_dim: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        from ogb.graphproppred.mol_encoder import BondEncoder  # ogb is an optional dependency
+
+        self.bond_encoder = BondEncoder(emb_dim)
+        self.conv = GINEConv(_mlp(emb_dim, 2 * emb_dim, emb_dim, batch_norm=batch_norm), train_eps=True)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        return self.conv(x, edge_index, self.bond_encoder(edge_attr))
+
+
+class OGBGNN(torch.nn.Module):
+    """GIN or GIN-virtual of OGB's ``examples/graphproppred/mol`` with the readout chosen by name.
+
+    Atoms are embedded by ``AtomEncoder``; each of the ``num_layers`` :class:`BondGINConv` layers is followed by
+    BatchNorm, ReLU (except after the last) and dropout, and the last layer's node embeddings (JK "last") are
+    pooled and mapped to one logit or value per task by a linear layer. With ``virtual_node=True`` a virtual
+    node, connected to every atom of its molecule, is added to the node embeddings before each layer and updated
+    from their sum by an MLP between layers. ``readout_kwargs`` go to :func:`make_readout`.
+    """
+
+    def __init__(self, num_tasks: int, pooling: str, virtual_node: bool, emb_dim: int = 300, num_layers: int = 5,
+                 dropout: float = 0.5, batch_norm: bool = True, **readout_kwargs: float) -> None:
+        super().__init__()
+        from ogb.graphproppred.mol_encoder import AtomEncoder  # ogb is an optional dependency
+
+        if num_layers < 2:
+            raise ValueError(f"OGB's GNN needs at least 2 layers, got {num_layers}")
+        self.atom_encoder = AtomEncoder(emb_dim)
+        self.convs = ModuleList([BondGINConv(emb_dim, batch_norm) for _ in range(num_layers)])
+        self.norms = ModuleList([BatchNorm1d(emb_dim) if batch_norm else Identity() for _ in range(num_layers)])
+        if virtual_node:
+            # Starts at 0, like OGB's Embedding(1, emb_dim) with constant-0 init.
+            self.virtual_node = Parameter(torch.zeros(1, emb_dim))
+            self.virtual_mlps = ModuleList([
+                Sequential(*_mlp(emb_dim, 2 * emb_dim, emb_dim, batch_norm=batch_norm),
+                           BatchNorm1d(emb_dim) if batch_norm else Identity(), ReLU())
+                for _ in range(num_layers - 1)
+            ])
+        else:
+            self.virtual_node = self.virtual_mlps = None
+        self.readout, readout_channels = make_readout(pooling, emb_dim, **readout_kwargs)
+        self.lin = Linear(readout_channels, num_tasks)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                batch_size: Optional[int] = None) -> Tensor:
+        if batch_size is None:
+            batch_size = int(batch.max()) + 1 if batch.numel() > 0 else 0
+        h = self.atom_encoder(x)
+        if self.virtual_node is not None:
+            virtual = self.virtual_node.expand(batch_size, -1)
+        for layer, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if self.virtual_node is not None:
+                h = h + virtual[batch]
+            out = norm(conv(h, edge_index, edge_attr))
+            if layer < len(self.convs) - 1:
+                out = out.relu()
+            out = F.dropout(out, p=self.dropout, training=self.training)
+            if self.virtual_node is not None and layer < len(self.convs) - 1:
+                # From the layer's input (with the virtual node added), as OGB's GNN_node_Virtualnode does.
+                pooled = global_add_pool(h, batch, batch_size) + virtual
+                virtual = F.dropout(self.virtual_mlps[layer](pooled), p=self.dropout, training=self.training)
+            h = out
+        return self.lin(self.readout(h, batch, dim_size=batch_size))

@@ -1,7 +1,8 @@
-"""The evaluation protocol of PyG's ``benchmark/kernel``: folds, batches, seeds, metrics."""
+"""Evaluation protocols: folds, batches, seeds and metrics of PyG's ``benchmark/kernel`` (TU datasets), and the
+labelled-entry loss, ``Evaluator`` metric and best-epoch direction of OGB's ``examples/graphproppred/mol``."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,17 +42,19 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """Shuffled global batches of ``batch_size`` indices, each split over ``world_size`` processes.
 
     An epoch's order depends only on ``(key, epoch)``, so a resumed run sees the batches of an uninterrupted
-    one, and ``world_size`` processes together see exactly the batches that one process sees. Under DDP, a last
-    batch smaller than ``world_size`` is dropped, since every process needs a graph to take part in a step.
+    one, and ``world_size`` processes together see exactly the batches that one process sees. A last batch that
+    would leave a process fewer than ``min_per_process`` graphs is dropped: under DDP every process needs a graph
+    to take part in a step, and a model that batch-normalises over graphs (OGB's virtual node) needs two.
     """
 
     def __init__(self, num_samples: int, batch_size: int, key: Sequence[int], rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, min_per_process: int = 1) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.key = tuple(key)
         self.rank = rank
         self.world_size = world_size
+        self.min_size = min_per_process * world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -62,12 +65,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
         perm = torch.randperm(self.num_samples, generator=generator).tolist()
         for start in range(0, self.num_samples, self.batch_size):
             batch = perm[start:start + self.batch_size]
-            if len(batch) >= self.world_size:
+            if len(batch) >= self.min_size:
                 yield batch[self.rank::self.world_size]
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full + int(rest >= self.world_size)
+        return full * int(self.batch_size >= self.min_size) + int(rest >= self.min_size)
 
 
 @torch.no_grad()
@@ -87,3 +90,45 @@ def summarize(accs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (as ``Tensor.std`` in ``benchmark/kernel``) over folds."""
     values = np.asarray(accs, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1))
+
+
+def masked_loss(out: Tensor, y: Tensor, task_type: str) -> tuple[Tensor, Tensor]:
+    """The summed loss over the labelled entries of ``y`` and their number, as OGB's ``mol`` example trains.
+
+    OGB marks a missing label as NaN (``y != y``); those entries take no part in the loss. Classification tasks
+    (``task_type`` as in OGB's ``master.csv``, e.g. ``"binary classification"``) use binary cross-entropy on
+    logits, regression tasks the squared error; all in float32, whatever the label dtype.
+    """
+    y = y.view(out.shape).to(torch.float32)
+    labelled = y == y
+    loss = F.binary_cross_entropy_with_logits if "classification" in task_type else F.mse_loss
+    return loss(out.to(torch.float32)[labelled], y[labelled], reduction="sum"), labelled.sum()
+
+
+def better(value: float, than: float, maximize: bool) -> bool:
+    """Whether score ``value`` beats ``than``; a tie does not, so the first best epoch is kept, as by
+    benchmark/kernel's argmin and OGB's argmax / argmin over validation curves."""
+    return value > than if maximize else value < than
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of OGB metric ``metric`` is better: ROC-AUC, AP and accuracy, not RMSE or MAE."""
+    if metric in ("rocauc", "ap", "acc"):
+        return True
+    if metric in ("rmse", "mae"):
+        return False
+    raise ValueError(f"no known direction for metric {metric!r}")
+
+
+@torch.no_grad()
+def evaluate_ogb(model: torch.nn.Module, loader: DataLoader, evaluator: Any, device: torch.device) -> float:
+    """The metric of OGB ``Evaluator`` ``evaluator`` over all graphs of ``loader``, from raw model outputs."""
+    model.eval()
+    y_true, y_pred = [], []
+    for data in loader:
+        data = data.to(device)
+        out = model(data.x, data.edge_index, data.edge_attr, data.batch, data.num_graphs)
+        y_true.append(data.y.view(out.shape).cpu())
+        y_pred.append(out.cpu())
+    result = evaluator.eval({"y_true": torch.cat(y_true), "y_pred": torch.cat(y_pred)})
+    return float(result[evaluator.eval_metric])

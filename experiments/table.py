@@ -1,8 +1,9 @@
 """``python -m experiments.table RUN_DIRS... --out docs/NAME``: results.json files to NAME.md and NAME.png.
 
-The markdown table has one row per dataset and one column per pooling (mean ± std over folds or seeds), in
-the order the runs are given, and starts with the command that made it. Besides this harness's results
-(``mean``, ``std``), results with a ``metric`` name and ``test: {mean, std}`` (OGB style) are read too.
+The markdown table has one row per dataset (per dataset and backbone for OGB, whose leaderboards list GIN and
+GIN-virtual apart) and one column per pooling, mean ± std over folds or seeds, in the order the runs are given,
+and starts with the command that made it. It reads results with ``mean`` and ``std`` (TU: over folds) and OGB
+results with ``metric``, ``test`` and ``test_std`` (over seeds; null for one seed).
 """
 from __future__ import annotations
 
@@ -26,19 +27,24 @@ def load_results(path: Path) -> dict[str, Any]:
     return json.loads((path / "results.json" if path.is_dir() else path).read_text())
 
 
-def score(result: dict[str, Any]) -> tuple[float, float]:
-    """``(mean, std)`` of the test metric, in percent for metrics in [0, 1]."""
-    mean, std = (result["mean"], result["std"]) if "mean" in result else (result["test"]["mean"],
-                                                                        result["test"]["std"])
+def score(result: dict[str, Any]) -> tuple[float, Optional[float]]:
+    """``(mean, std)`` of the test metric, in percent for metrics in [0, 1]; ``std`` is ``None`` for one seed."""
+    mean, std = (result["mean"], result["std"]) if "mean" in result else (result["test"], result["test_std"])
     scale = 100.0 if result.get("metric", "accuracy") in PERCENT_METRICS else 1.0
-    return scale * mean, scale * std
+    return scale * mean, None if std is None else scale * std
 
 
 def cell(result: dict[str, Any]) -> str:
-    """``mean ± std`` with one decimal in percent, three otherwise."""
+    """``mean ± std`` (``mean`` alone for one seed) with one decimal in percent, three otherwise."""
     digits = 1 if result.get("metric", "accuracy") in PERCENT_METRICS else 3
     mean, std = score(result)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def row_name(result: dict[str, Any]) -> str:
+    """The dataset, followed by the backbone for OGB datasets."""
+    dataset, backbone = result["dataset"], result.get("config", {}).get("backbone")
+    return f"{dataset} {backbone}" if dataset.startswith("ogbg-") and backbone else dataset
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -50,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for path in args.runs:
         result = load_results(path)
-        key = (result["dataset"], result["pooling"])
+        key = (row_name(result), result["pooling"])
         if key in cells:
             parser.error(f"two runs of {key[1]} on {key[0]}, the second in {path}")
         cells[key] = result
@@ -84,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         xs = [j + (i - (len(poolings) - 1) / 2) * width for j, d in enumerate(datasets) if (d, pooling) in cells]
         scores = [score(cells[d, pooling]) for d in datasets if (d, pooling) in cells]
         # Points, not bars: the y axis need not start at 0, so close scores stay apart.
-        ax.errorbar(xs, [m for m, _ in scores], yerr=[s for _, s in scores], fmt="o", capsize=3, label=pooling)
+        ax.errorbar(xs, [m for m, _ in scores], yerr=[s or 0.0 for _, s in scores], fmt="o", capsize=3,
+                    label=pooling)
     ax.set_xticks(range(len(datasets)), [f"{d}\n({metrics[d]})" for d in datasets])
     ax.set_ylabel("test score (mean ± std)")
     ax.grid(axis="y", alpha=0.3)

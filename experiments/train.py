@@ -1,18 +1,24 @@
-"""k-fold graph classification: ``python -m experiments.train --config configs/tu/mutag.yaml [--<field> <value>]``.
+"""Graph classification runs: ``python -m experiments.train --config configs/tu/mutag.yaml [--<field> <value>]``.
 
-Each fold keeps a checkpoint in the run directory (``--out``), rewritten every epoch, so running the same command
-again continues where a crash or kill stopped it; on CPU (same machine and thread count) it ends with exactly the
-numbers of an uninterrupted run, while CUDA's atomic scatter kernels are not deterministic. A finished fold is
-read back, never recomputed.
+A TU dataset is trained with k-fold cross-validation (PyG's ``benchmark/kernel``), an ``ogbg-*`` dataset once per
+seed on its official split (OGB's ``examples/graphproppred/mol``, e.g. ``--config configs/ogb/molbace.yaml``);
+both through the same training loop, checkpoints and files, with a :class:`Task` for what differs.
+
+Each fold or seed keeps a checkpoint in the run directory (``--out``), rewritten every epoch, so running the same
+command again continues where a crash or kill stopped it; on CPU (same machine and thread count) it ends with
+exactly the numbers of an uninterrupted run, while CUDA's atomic scatter kernels are not deterministic. A finished
+fold or seed is read back, never recomputed.
 
 Under ``torchrun --nproc_per_node=N`` the model trains with DistributedDataParallel: each global batch of
 ``batch_size`` graphs is split over the processes, and rank 0 evaluates and writes every file. On CUDA,
 BatchNorm becomes SyncBatchNorm; PyTorch has no CPU kernels for it, so on CPU (gloo) each process normalises
 with its own share of the batch, and dropout masks differ per process. Without both (``--batch_norm false
---dropout 0``) N processes reproduce one process up to float summation order (tests/experiments/test_train.py).
+--dropout 0``) N processes reproduce one process up to float summation order (tests/experiments/test_train.py,
+test_ogb.py).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import csv
 import dataclasses
@@ -27,20 +33,20 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Adam, Optimizer
 from torch.optim.lr_scheduler import StepLR
 from torch_geometric import seed_everything
-from torch_geometric.data import InMemoryDataset
+from torch_geometric.data import Batch, InMemoryDataset
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
 from experiments.config import RUNTIME_FIELDS, Config, parse_config
-from experiments.data import load_tu
-from experiments.models import GIN
-from experiments.protocol import ShardedBatchSampler, derive_seed, evaluate, k_fold, summarize
-
-CSV_FIELDS = ("epoch", "train_loss", "val_loss", "val_acc", "test_acc", "lr", "seconds")
+from experiments.data import load_ogb, load_tu
+from experiments.models import BACKBONES, GIN, OGBGNN
+from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
+                                  higher_is_better, k_fold, masked_loss, summarize)
 
 
 @contextlib.contextmanager
@@ -60,24 +66,170 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: Optimizer, device: torch.device,
-                world_size: int) -> float:
-    """One pass over the training graphs; returns the mean cross-entropy over all processes."""
+class Task(abc.ABC):
+    """What a benchmark defines around the shared loop of :func:`train_split`: its data and splits, the model,
+    the training loss, the per-epoch scores, which score picks the best epoch, and the summary over folds or
+    seeds. The constructor checks the config, so that a bad one fails before any data is loaded."""
+
+    metric: str  # the name of the test score, written to results.json
+    unit: str  # what one training run is called: "fold" or "seed"
+    scores: tuple[str, ...]  # the per-epoch score columns of the CSV log
+    selection: str  # the score that picks the best epoch: the first epoch of its best value
+    maximize: bool  # whether the best value of ``selection`` is its largest
+    kept: tuple[str, ...]  # the scores kept in results.json for the best epoch
+    min_per_process: int = 1  # the fewest training graphs one process may step on
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.dataset: InMemoryDataset  # set by load()
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Loads :attr:`dataset`, filling the cache on first use."""
+
+    @abc.abstractmethod
+    def splits(self) -> list[tuple[int, tuple[int, ...], tuple[Tensor, Tensor, Tensor]]]:
+        """Per fold or seed: its number, the key all its randomness derives from, and its (train, val, test)
+        indices."""
+
+    @abc.abstractmethod
+    def model(self) -> torch.nn.Module:
+        """A freshly initialised model."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
+        """The training loss on ``data``, summed, and the number of its terms."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module, val_loader: DataLoader, test_loader: DataLoader,
+                 device: torch.device) -> dict[str, float]:
+        """The :attr:`scores` of ``model`` on the validation and test graphs."""
+
+    @abc.abstractmethod
+    def summary(self, bests: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """The results.json fields over the best epochs of all folds or seeds, and a line to print."""
+
+
+class TUTask(Task):
+    """PyG's ``benchmark/kernel``: GIN, cross-entropy, test accuracy at the lowest validation loss."""
+
+    metric, unit = "accuracy", "fold"
+    scores = ("val_loss", "val_acc", "test_acc")
+    selection, maximize = "val_loss", False
+    kept = ("test_acc", "val_loss")
+
+    def __init__(self, config: Config) -> None:
+        if config.backbone != "gin" or config.num_seeds != 1:
+            raise SystemExit("TU runs train benchmark/kernel's GIN with one seed and k folds: --backbone gin, "
+                             "--num_seeds 1 (backbone and num_seeds choices are for ogbg-* datasets)")
+        super().__init__(config)
+
+    def load(self) -> None:
+        self.dataset = load_tu(self.config.dataset, self.config.root, self.config.cache)
+
+    def splits(self) -> list[tuple[int, tuple[int, ...], tuple[Tensor, Tensor, Tensor]]]:
+        return [(fold, (self.config.seed, fold), split)
+                for fold, split in enumerate(k_fold(self.dataset.y, self.config.folds))]
+
+    def model(self) -> torch.nn.Module:
+        config = self.config
+        return GIN(self.dataset.num_features, self.dataset.num_classes, config.pooling, config.hidden,
+                   config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
+                   eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q)
+
+    def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
+        out = model(data.x, data.edge_index, data.batch, data.num_graphs)
+        return F.cross_entropy(out, data.y, reduction="sum"), torch.tensor(float(data.num_graphs), device=out.device)
+
+    def evaluate(self, model: torch.nn.Module, val_loader: DataLoader, test_loader: DataLoader,
+                 device: torch.device) -> dict[str, float]:
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        _, test_acc = evaluate(model, test_loader, device)
+        return dict(val_loss=val_loss, val_acc=val_acc, test_acc=test_acc)
+
+    def summary(self, bests: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        mean, std = summarize([best["test_acc"] for best in bests])
+        return (dict(folds=bests, mean=mean, std=std),
+                f"test accuracy {100 * mean:.2f} ± {100 * std:.2f} over {len(bests)} folds")
+
+
+class OGBTask(Task):
+    """OGB's ``examples/graphproppred/mol``: GIN or GIN-virtual on atom and bond embeddings, the loss on labelled
+    entries only, and the test score of the dataset's ``Evaluator`` at the best validation score."""
+
+    unit = "seed"
+    scores = ("valid", "test")
+    selection = "valid"
+    kept = ("valid", "test")
+    # OGB's example skips one-graph batches: BatchNorm over graphs (the virtual-node MLP) needs two.
+    min_per_process = 2
+
+    def __init__(self, config: Config) -> None:
+        from ogb.graphproppred import Evaluator  # ogb is an optional dependency
+
+        if config.backbone not in BACKBONES:
+            raise SystemExit(f"unknown backbone {config.backbone!r} for {config.dataset}; choose one of "
+                             f"{', '.join(BACKBONES)}")
+        if config.folds != Config.folds:
+            raise SystemExit(f"{config.dataset} comes with its official split; --folds is for TU datasets")
+        super().__init__(config)
+        self.evaluator = Evaluator(config.dataset)  # also rejects an unknown dataset name
+        self.metric = self.evaluator.eval_metric
+        self.maximize = higher_is_better(self.metric)
+
+    def load(self) -> None:
+        self.dataset = load_ogb(self.config.dataset, self.config.root, self.config.cache)
+
+    def splits(self) -> list[tuple[int, tuple[int, ...], tuple[Tensor, Tensor, Tensor]]]:
+        split = self.dataset.get_idx_split()  # the official (scaffold) split
+        seeds = range(self.config.seed, self.config.seed + self.config.num_seeds)
+        return [(seed, (seed,), (split["train"], split["valid"], split["test"])) for seed in seeds]
+
+    def model(self) -> torch.nn.Module:
+        config = self.config
+        return OGBGNN(self.dataset.num_tasks, config.pooling, config.backbone == "gin-virtual", config.hidden,
+                      config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
+                      eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q)
+
+    def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
+        out = model(data.x, data.edge_index, data.edge_attr, data.batch, data.num_graphs)
+        return masked_loss(out, data.y, self.dataset.task_type)
+
+    def evaluate(self, model: torch.nn.Module, val_loader: DataLoader, test_loader: DataLoader,
+                 device: torch.device) -> dict[str, float]:
+        return dict(valid=evaluate_ogb(model, val_loader, self.evaluator, device),
+                    test=evaluate_ogb(model, test_loader, self.evaluator, device))
+
+    def summary(self, bests: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        fields: dict[str, Any] = dict(seeds=bests)
+        for split in ("valid", "test"):
+            values = [best[split] for best in bests]
+            # One seed has no spread: null, not NaN (which is not JSON).
+            mean, std = summarize(values) if len(values) > 1 else (values[0], None)
+            fields.update({split: mean, f"{split}_std": std})
+        spread = "" if fields["test_std"] is None else f" ± {fields['test_std']:.4f}"
+        seeds = f"{len(bests)} seeds" if len(bests) > 1 else "1 seed"
+        return fields, f"test {self.metric} {fields['test']:.4f}{spread} over {seeds}"
+
+
+def train_epoch(model: torch.nn.Module, task: Task, loader: DataLoader, optimizer: Optimizer,
+                device: torch.device, world_size: int) -> float:
+    """One pass over the training graphs; returns the mean loss per term over all processes."""
     model.train()
-    total = torch.zeros(2, device=device)  # (summed loss, number of graphs)
+    total = torch.zeros(2, device=device)  # (summed loss, number of terms)
     for data in loader:
         data = data.to(device)
         optimizer.zero_grad()
-        out = model(data.x, data.edge_index, data.batch, data.num_graphs)
-        loss = F.cross_entropy(out, data.y, reduction="sum")
-        num_graphs = torch.tensor(float(data.num_graphs), device=device)
+        loss, count = task.loss(model, data)
+        total += torch.stack([loss.detach(), count.to(total.dtype)])
+        count = count.to(loss.dtype)
         if world_size > 1:
-            dist.all_reduce(num_graphs)
-        # DDP averages gradients over processes, so scaling by world_size / (graphs in the global batch) yields
-        # the gradient of the global batch's mean loss, whatever share of it each process holds.
-        (loss * world_size / num_graphs).backward()
+            dist.all_reduce(count)
+        # DDP averages gradients over processes, so scaling by world_size / (terms in the global batch) yields
+        # the gradient of the global batch's mean loss, whatever share of it each process holds. A batch
+        # without any label (possible with OGB's missing labels) gives no gradient instead of NaN.
+        (loss * world_size / count.clamp(min=1)).backward()
         optimizer.step()
-        total += torch.stack([loss.detach(), torch.tensor(float(data.num_graphs), device=device)])
     if world_size > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -85,31 +237,32 @@ def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: Optimizer
 
 def _check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
     current = dataclasses.asdict(config)
-    changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved.get(key) != current[key])
+    # A field added to Config after the checkpoint was written was then its default.
+    saved = {**dataclasses.asdict(Config()), **saved}
+    changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved[key] != current[key])
     if changed:
         raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def run_fold(config: Config, dataset: InMemoryDataset, split: tuple[torch.Tensor, ...], fold: int,
-             device: torch.device, rank: int,
-             world_size: int) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
-    """Trains one fold from scratch or from its checkpoint.
+def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor], index: int,
+                key: tuple[int, ...], device: torch.device, rank: int,
+                world_size: int) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """Trains fold or seed ``index`` (``task.unit``) on its ``(train, val, test)`` split, from scratch or from its
+    checkpoint. All randomness derives from ``key``.
 
-    Returns the fold's result (the test accuracy at the first epoch of lowest validation loss) and its
-    per-epoch log; both are only kept on rank 0.
+    Returns the result at the first epoch of best ``task.selection`` and the per-epoch log; both are only kept on
+    rank 0.
     """
-    ckpt_path = Path(config.out) / f"fold{fold}.pt"
-    seed_everything(derive_seed(config.seed, fold))  # the fold's initial parameters, equal on every rank
-    model = GIN(dataset.num_features, dataset.num_classes, config.pooling, config.hidden, config.num_layers,
-                config.dropout, config.batch_norm, num_iters=config.num_iters, eps=config.uot_eps,
-                lam_p=config.uot_lam_p, lam_q=config.uot_lam_q)
+    ckpt_path = Path(config.out) / f"{task.unit}{index}.pt"
+    seed_everything(derive_seed(*key))  # the initial parameters, equal on every rank
+    model = task.model()
     if world_size > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # no CPU kernels, hence CUDA only
     model = model.to(device)
@@ -128,35 +281,36 @@ def run_fold(config: Config, dataset: InMemoryDataset, split: tuple[torch.Tensor
         return best, history
 
     train_idx, val_idx, test_idx = split
-    sampler = ShardedBatchSampler(len(train_idx), config.batch_size, (config.seed, fold), rank, world_size)
+    dataset = task.dataset
+    sampler = ShardedBatchSampler(len(train_idx), config.batch_size, key, rank, world_size, task.min_per_process)
     train_loader = DataLoader(dataset[train_idx], batch_sampler=sampler, num_workers=config.num_workers)
     val_loader = DataLoader(dataset[val_idx], config.batch_size, num_workers=config.num_workers)
     test_loader = DataLoader(dataset[test_idx], config.batch_size, num_workers=config.num_workers)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
+    csv_fields = ("epoch", "train_loss", *task.scores, "lr", "seconds")
 
     progress = tqdm(range(epoch + 1, config.epochs + 1), initial=epoch, total=config.epochs,
-                    desc=f"{config.dataset} {config.pooling} fold {fold}", disable=rank != 0)
+                    desc=f"{config.dataset} {config.pooling} {task.unit} {index}", disable=rank != 0)
     for epoch in progress:
         start = time.perf_counter()
-        # The epoch's randomness (batch order, dropout) is a function of (seed, fold, epoch, rank) alone, so a
-        # resumed run needs no saved RNG state to draw what an uninterrupted run draws.
-        seed_everything(derive_seed(config.seed, fold, epoch, rank))
+        # The epoch's randomness (batch order, dropout) is a function of (key, epoch, rank) alone, so a resumed
+        # run needs no saved RNG state to draw what an uninterrupted run draws.
+        seed_everything(derive_seed(*key, epoch, rank))
         sampler.set_epoch(epoch)
         lr = scheduler.get_last_lr()[0]
-        train_loss = train_epoch(ddp, train_loader, optimizer, device, world_size)
+        train_loss = train_epoch(ddp, task, train_loader, optimizer, device, world_size)
         scheduler.step()
         if rank != 0:
             continue
 
-        val_loss, val_acc = evaluate(model, val_loader, device)
-        _, test_acc = evaluate(model, test_loader, device)
-        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
-                            test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start))
-        if best is None or val_loss < best["val_loss"]:  # the first minimum, like benchmark/kernel's argmin
-            best = dict(fold=fold, test_acc=test_acc, val_loss=val_loss, best_epoch=epoch)
-        progress.set_postfix(val_loss=f"{val_loss:.4f}", test_acc=f"{test_acc:.3f}")
+        scores = task.evaluate(model, val_loader, test_loader, device)
+        history.append(dict(epoch=epoch, train_loss=train_loss, **scores, lr=lr,
+                            seconds=time.perf_counter() - start))
+        if best is None or better(scores[task.selection], best[task.selection], task.maximize):
+            best = {task.unit: index, **{name: scores[name] for name in task.kept}, "best_epoch": epoch}
+        progress.set_postfix({name: f"{score:.4f}" for name, score in scores.items()})
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
-        _write_csv(ckpt_path.with_suffix(".csv"), history)
+        _write_csv(ckpt_path.with_suffix(".csv"), csv_fields, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best=best,
@@ -175,30 +329,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
 
+    task = OGBTask(config) if config.is_ogb else TUTask(config)
     # Rank 0 fills the cache first: two processes must not write PyG's processed/ files at once.
     if rank > 0:
         dist.barrier()
-    dataset = load_tu(config.dataset, config.root, config.cache)
+    task.load()
     if rank == 0 and world_size > 1:
         dist.barrier()
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    folds, seconds = [], []
-    for fold, split in enumerate(k_fold(dataset.y, config.folds)):
-        best, history = run_fold(config, dataset, split, fold, device, rank, world_size)
-        folds.append(best)
+    bests, seconds = [], []
+    for index, key, split in task.splits():
+        best, history = train_split(config, task, split, index, key, device, rank, world_size)
+        bests.append(best)
         seconds += [row["seconds"] for row in history]
 
     if rank == 0:
-        mean, std = summarize([result["test_acc"] for result in folds])
-        results = dict(dataset=config.dataset, pooling=config.pooling, metric="accuracy",
-                       config=dataclasses.asdict(config), commit=git_commit(), folds=folds, mean=mean, std=std,
+        fields, line = task.summary(bests)
+        results = dict(dataset=config.dataset, pooling=config.pooling, metric=task.metric,
+                       config=dataclasses.asdict(config), commit=git_commit(), **fields,
                        seconds_per_epoch=statistics.median(seconds))  # robust to a busy machine
         with atomic_path(out / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{config.dataset} {config.pooling}: test accuracy {100 * mean:.2f} ± {100 * std:.2f} "
-              f"over {config.folds} folds, {results['seconds_per_epoch']:.2f} s per epoch -> {out / 'results.json'}")
+        print(f"{config.dataset} {config.pooling}: {line}, {results['seconds_per_epoch']:.2f} s per epoch "
+              f"-> {out / 'results.json'}")
     if world_size > 1:
         dist.destroy_process_group()
 
