@@ -1,0 +1,107 @@
+"""The benchmark command: the padded baseline computes our pooling, and a tiny run writes its outputs."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from experiments import bench
+from uotp_geometric.functional import uot_pool
+
+
+@pytest.mark.parametrize("solver", bench.SOLVERS)
+def test_padded_matches_flat(solver: str) -> None:
+    torch.manual_seed(0)
+    sizes = torch.tensor([1, 5, 1, 12, 3, 1, 8])  # singletons, and padding up to 12 in every other set
+    index = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    x = torch.randn(int(sizes.sum()), 6, dtype=torch.float64, requires_grad=True)
+    eps = torch.tensor([0.5, 0.8, 1.3, 0.7], dtype=torch.float64)  # one value per iteration
+    kwargs = dict(solver=solver, eps=eps, lam_p=2.0, lam_q=0.5, rho=1.7, num_iters=4)
+
+    ours = uot_pool(x, index, sizes.numel(), **kwargs)
+    padded = bench.padded_uot_pool(x, index, sizes.numel(), **kwargs)
+    assert ours.abs().max() > 0.1  # a real output, not zeros on both sides
+    torch.testing.assert_close(padded, ours, rtol=0, atol=1e-10)
+
+    # The benchmark times the backward of the padded implementation too: its gradient must be ours.
+    grad = torch.randn_like(ours)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    (padded_grad,) = torch.autograd.grad(padded, x, grad)
+    torch.testing.assert_close(padded_grad, ours_grad, rtol=0, atol=1e-10)
+
+
+def test_padded_module_uses_learned_values() -> None:
+    batch = bench.Batch(5, 4)
+    x, index = batch.make()
+    module = bench.PaddedUOT("badmm", num_iters=3)
+    with torch.no_grad():
+        module.params.eps_raw.fill_(0.3)
+    params = module.params
+    expected = uot_pool(x, index, batch.num_sets, solver="badmm", num_iters=3, eps=params.value("eps"),
+                        lam_p=params.value("lam_p"), lam_q=params.value("lam_q"), rho=params.value("rho"))
+    torch.testing.assert_close(module(x, index, batch.num_sets), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sizes() -> None:
+    uniform = bench.Batch(64, 30, "uniform").sizes()
+    skewed = bench.Batch(2000, 30).sizes()
+    assert (uniform == 30).all()
+    assert skewed.min() >= 1 and abs(skewed.mean() / 30 - 1) < 0.1  # the stated mean
+    assert skewed.max() > 5 * 30  # skewed: padding to the largest set wastes most of the batch
+
+
+def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    plan = bench.make_plan(quick=True)
+    plan.repeats, plan.warmup = 2, 1
+    method = bench.Method("UOT", "sinkhorn", 2, bench.DEFAULT_MODE, compiled=True)
+    rows = bench.measure_group("compile", bench.Batch(4, 3), [method.baseline, method], torch.device("cpu"),
+                               plan, threads=2)
+    eager, compiled = rows
+    assert compiled["note"] == "failed: RuntimeError: no C++ compiler"
+    assert "fwd_ms" not in compiled and eager["fwd_ms"] > 0
+
+
+def test_tiny_run_writes_outputs(tmp_path: Path) -> None:
+    tiny = bench.Batch(6, 5)
+    plan = bench.Plan(repeats=2, warmup=1, batches=[tiny, bench.Batch(6, 5, "uniform")], num_iters=(2,),
+                      nodes=(40, 80), dims=(8, 16), iters=(1, 2), memory_batches=[],
+                      memory_target=bench.Batch(20, 500, "uniform"), memory_iters=(1, 2),
+                      solvers=("sinkhorn",), compile_solvers=(), curve_batch=tiny)
+    df = bench.run(plan, torch.device("cpu"), threads=2)
+    info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
+    bench.write_outputs(df, tmp_path, info, plan)
+
+    timed = df[df.section != "memory"]
+    assert (df.note == "").all()  # nothing failed or was skipped
+    assert set(timed.section) == {"batch", "scaling N", "scaling D", "scaling K", "compile"}
+    for column in ("fwd_ms", "fwdbwd_ms", "fwdbwd_ratio"):
+        assert np.isfinite(timed[column]).all() and (timed[column] > 0).all(), column
+    assert (timed.fwdbwd_ratio_min <= timed.fwdbwd_ratio).all()
+    assert (timed.fwdbwd_ratio <= timed.fwdbwd_ratio_max).all()
+    softmax = timed[timed.method == "SoftmaxAggregation"]
+    assert (softmax.fwdbwd_ratio == 1).all()  # it is the baseline of its own table
+    padded = timed[timed.method.str.startswith("padded")]
+    assert len(padded) == 8  # one per table or curve point, each divided by ours at its own K
+    assert all(row.baseline == bench.Method("UOT", "sinkhorn", row.K, bench.DEFAULT_MODE).label
+               for row in padded.itertuples())
+    memory = df[df.section == "memory"]  # each in a fresh process
+    grad_mb = memory.N * memory.D * 4 / 2**20
+    assert len(memory) == 2 * len(bench.MODES)
+    assert (memory.peak_mb > grad_mb).all()  # at least x.grad
+    assert (memory.peak_mb < 100 * grad_mb).all()  # and not the whole process
+    assert (memory[memory.K == 1].peak_ratio == 1).all()
+
+    saved = pd.read_csv(tmp_path / "results.csv")
+    assert list(saved.columns) == bench.COLUMNS and len(saved) == len(df)
+    readme = (tmp_path / "README.md").read_text()
+    for text in ("## Headline", "## Batches", "## Memory", "## Scaling in N", "python -m experiments.bench",
+                 "SoftmaxAggregation", "| --- |"):
+        assert text in readme, text
+    for name in ("scaling_N.png", "scaling_D.png", "scaling_K.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    np.testing.assert_allclose(saved.fwdbwd_ms, df.fwdbwd_ms)
