@@ -471,7 +471,7 @@ def machine_info(device: torch.device, command: str, load_before: float) -> dict
 
     commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     tree = "unknown" if status is None else "dirty" if status else "clean"
-    return {
+    info = {
         "command": f"`{command}`",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -485,6 +485,12 @@ def machine_info(device: torch.device, command: str, load_before: float) -> dict
         "memory_efficient keyword": "present: UOT rows say efficient or autograd" if HAS_MEMORY_EFFICIENT
         else "absent: UOT rows run the library's only backward (autograd through the K iterations)",
     }
+    if device.type == "cpu" and max(load_before, os.getloadavg()[0]) >= (os.cpu_count() or 1):
+        info["warning"] = ("other processes kept the cores busy. A parallel operation then waits for a "
+                           "descheduled thread, so times grow with the number of operations rather than "
+                           "with the work, and ratios can be off by large factors even when their range is "
+                           "narrow: rerun on an idle machine, or with --threads 1")
+    return info
 
 
 def _cell(value: Any) -> str:

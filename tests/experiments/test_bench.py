@@ -10,6 +10,15 @@ from experiments import bench
 from uotp_geometric.functional import uot_pool
 
 
+@pytest.fixture
+def one_thread():
+    """The machinery is under test, not the speed: one thread keeps it quick on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("solver", bench.SOLVERS)
 def test_padded_matches_flat(solver: str) -> None:
     torch.manual_seed(0)
@@ -51,7 +60,7 @@ def test_batch_sizes() -> None:
     assert skewed.max() > 5 * 30  # skewed: padding to the largest set wastes most of the batch
 
 
-def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch, one_thread: int) -> None:
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nsecond line")
 
@@ -60,19 +69,19 @@ def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     plan.repeats, plan.warmup = 2, 1
     method = bench.Method("UOT", "sinkhorn", 2, bench.DEFAULT_MODE, compiled=True)
     rows = bench.measure_group("compile", bench.Batch(4, 3), [method.baseline, method], torch.device("cpu"),
-                               plan, threads=2)
+                               plan, threads=one_thread)
     eager, compiled = rows
     assert compiled["note"] == "failed: RuntimeError: no C++ compiler"
     assert "fwd_ms" not in compiled and eager["fwd_ms"] > 0
 
 
-def test_tiny_run_writes_outputs(tmp_path: Path) -> None:
+def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     tiny = bench.Batch(6, 5)
     plan = bench.Plan(repeats=2, warmup=1, batches=[tiny, bench.Batch(6, 5, "uniform")], num_iters=(2,),
                       nodes=(40, 80), dims=(8, 16), iters=(1, 2), memory_batches=[],
                       memory_target=bench.Batch(20, 500, "uniform"), memory_iters=(1, 2),
                       solvers=("sinkhorn",), compile_solvers=(), curve_batch=tiny)
-    df = bench.run(plan, torch.device("cpu"), threads=2)
+    df = bench.run(plan, torch.device("cpu"), threads=one_thread)
     info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
     bench.write_outputs(df, tmp_path, info, plan)
 
