@@ -15,13 +15,11 @@ machine and thread count). A finished seed is read back, never recomputed.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import statistics
 import time
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_geometric.transforms as T
-import yaml
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
@@ -47,7 +44,7 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 from tqdm import tqdm
 
-from experiments.config import _typed
+from experiments.config import parse_dataclass
 from experiments.data import load_tu
 from experiments.models import make_readout
 from experiments.protocol import derive_seed, summarize
@@ -91,35 +88,9 @@ RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "seeds"})
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> AdgclConfig:
-    """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top.
-
-    As :func:`experiments.config.parse_config`, plus list fields: ``--seeds 0 1 2`` on the command line, a list
-    or a single integer in YAML.
-    """
-    kinds = typing.get_type_hints(AdgclConfig)
-    defaults = dataclasses.asdict(AdgclConfig())
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
-    for name, kind in kinds.items():
-        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
-        parser.add_argument(f"--{name}", type=item or kind, nargs="+" if item else None,
-                            help=f"{kind if item else kind.__name__}, default {defaults[name]!r}")
-    args = parser.parse_args(argv)
-
-    values = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        parser.error(f"unknown keys in {args.config}: {', '.join(unknown)}")
-    for name, value in values.items():
-        if typing.get_origin(kinds[name]) is list:
-            item = typing.get_args(kinds[name])[0]
-            values[name] = [_typed(name, v, item) for v in (value if isinstance(value, list) else [value])]
-        else:
-            values[name] = _typed(name, value, kinds[name])
-    values.update({name: value for name, value in vars(args).items() if name != "config" and value is not None})
-    config = AdgclConfig(**values)
-    config.out = config.out.format(**dataclasses.asdict(config))
-    return config
+    """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top
+    (``--seeds 0 1 2`` takes several values)."""
+    return parse_dataclass(AdgclConfig, __doc__.splitlines()[0], argv)
 
 
 class WeightedGINConv(MessagePassing):

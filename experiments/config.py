@@ -6,9 +6,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,24 +75,38 @@ def _typed(name: str, value: Any, kind: type) -> Any:
     return value
 
 
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top."""
-    kinds = typing.get_type_hints(Config)
-    parser = argparse.ArgumentParser(description="Graph classification on TU datasets (PyG benchmark/kernel "
-                                                 "protocol) and OGB molecules (OGB's examples/graphproppred/mol).")
+def parse_dataclass(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
+    """Reads ``--config FILE`` (optional) into the dataclass ``cls`` and applies every ``--<field> <value>``
+    flag on top. A ``list[...]`` field takes several values (``--seeds 0 1 2``), and a list or a single item
+    in YAML. A ``{field}`` in the ``out`` field takes that field's value."""
+    kinds = typing.get_type_hints(cls)
+    defaults = dataclasses.asdict(cls())
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
-    for field in dataclasses.fields(Config):
-        kind = kinds[field.name]
-        parser.add_argument(f"--{field.name}", type=_bool if kind is bool else kind,
-                            help=f"{kind.__name__}, default {field.default!r}")
+    for name, kind in kinds.items():
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+        scalar = item or kind
+        parser.add_argument(f"--{name}", type=_bool if scalar is bool else scalar, nargs="+" if item else None,
+                            help=f"{kind if item else kind.__name__}, default {defaults[name]!r}")
     args = parser.parse_args(argv)
 
     values = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
     unknown = sorted(set(values) - set(kinds))
     if unknown:
         parser.error(f"unknown keys in {args.config}: {', '.join(unknown)}")
-    values = {name: _typed(name, value, kinds[name]) for name, value in values.items()}
+    for name, value in values.items():
+        if typing.get_origin(kinds[name]) is list:
+            item = typing.get_args(kinds[name])[0]
+            values[name] = [_typed(name, v, item) for v in (value if isinstance(value, list) else [value])]
+        else:
+            values[name] = _typed(name, value, kinds[name])
     values.update({name: value for name, value in vars(args).items() if name != "config" and value is not None})
-    config = Config(**values)
+    config = cls(**values)
     config.out = config.out.format(**dataclasses.asdict(config))
     return config
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top."""
+    return parse_dataclass(Config, "Graph classification on TU datasets (PyG benchmark/kernel protocol) and OGB "
+                                   "molecules (OGB's examples/graphproppred/mol).", argv)

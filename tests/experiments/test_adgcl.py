@@ -3,10 +3,8 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch_geometric.nn import GINConv
 
 from experiments.adgcl import (AdgclConfig, WeightedGINConv, drop_regulariser, main, nt_xent, parse_config,
                                svm_accuracies)
+from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small and reproducible: the same thread count in every run
@@ -144,15 +143,7 @@ def reference(tmp_path_factory, cache):
 
 def test_resume_after_sigkill_is_exact(reference, cache, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.adgcl", *_args(out, cache, *SMALL)], cwd=REPO,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "seed0.pt").exists():
-        assert proc.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("experiments.adgcl", _args(out, cache, *SMALL), out / "seed0.pt", env=ENV)
     assert not (out / "results.json").exists()  # the kill hit before the end
     log_before = (out / "seed0.csv").read_text().splitlines()
 

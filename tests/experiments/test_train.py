@@ -1,10 +1,8 @@
 import csv
 import json
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from experiments.train import main
+from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 6  # with lr_step 2: three learning rates
@@ -73,15 +72,7 @@ def test_results_and_logs(reference):
 
 def test_resume_after_sigkill_is_exact(reference, cache, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *_args(out, cache)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "fold0.pt").exists():
-        assert proc.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("experiments.train", _args(out, cache), out / "fold0.pt")
     killed_at = torch.load(out / "fold0.pt")["epoch"]
     assert killed_at < EPOCHS and not (out / "results.json").exists()  # the kill hit fold 0
     log_before = (out / "fold0.csv").read_text().splitlines()[:1 + killed_at]
