@@ -15,9 +15,7 @@ machine and thread count). A finished seed is read back, never recomputed.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import statistics
 import time
 import warnings
@@ -48,7 +46,7 @@ from experiments.config import parse_dataclass
 from experiments.data import load_tu
 from experiments.models import make_readout
 from experiments.protocol import derive_seed, summarize
-from experiments.train import atomic_path, git_commit
+from experiments.records import atomic_path, git_commit, write_csv, write_json
 
 CSV_FIELDS = ("epoch", "model_loss", "view_loss", "reg", "train_acc", "val_acc", "test_acc", "train_seconds",
               "seconds")
@@ -293,13 +291,6 @@ def svm_accuracies(embeddings: np.ndarray, y: np.ndarray, folds: int, seed: int)
     return float(train_acc), float(val_acc), float(test_acc)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
              device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains one seed from scratch or from its checkpoint.
@@ -351,7 +342,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
         progress.set_postfix(loss=f"{losses['model_loss']:.4f}", val_acc=f"{val_acc:.3f}",
                              test_acc=f"{test_acc:.3f}")
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
-        _write_csv(ckpt_path.with_suffix(".csv"), history)
+        write_csv(ckpt_path.with_suffix(".csv"), CSV_FIELDS, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             view_learner=view_learner.state_dict(), model_optimizer=model_optimizer.state_dict(),
@@ -374,14 +365,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seconds += [row["seconds"] for row in history]
 
     accs = [result["test_acc"] for result in seeds]
-    # The sample standard deviation over seeds; one seed has none, and 0 keeps results.json valid JSON.
-    mean, std = summarize(accs) if len(accs) > 1 else (accs[0], 0.0)
+    mean, std = summarize(accs)
     results = dict(dataset=config.dataset, pooling=config.pooling, metric="accuracy", protocol="adgcl",
                    config=dataclasses.asdict(config), commit=git_commit(), seeds=seeds, mean=mean, std=std,
                    seconds_per_epoch=statistics.median(seconds))  # robust to a busy machine
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"AD-GCL {config.dataset} {config.pooling}: test accuracy {100 * mean:.2f} ± {100 * std:.2f} over "
+    write_json(out / "results.json", results)
+    spread = "" if std is None else f" ± {100 * std:.2f}"
+    print(f"AD-GCL {config.dataset} {config.pooling}: test accuracy {100 * mean:.2f}{spread} over "
           f"{len(seeds)} seeds, {results['seconds_per_epoch']:.2f} s per epoch -> {out / 'results.json'}")
 
 

@@ -2,7 +2,7 @@
 labelled-entry loss, ``Evaluator`` metric and best-epoch direction of OGB's ``examples/graphproppred/mol``."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,10 +86,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
     return loss / len(loader.dataset), correct / len(loader.dataset)
 
 
-def summarize(accs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (as ``Tensor.std`` in ``benchmark/kernel``) over folds."""
-    values = np.asarray(accs, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1))
+def summarize(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (as ``Tensor.std`` in ``benchmark/kernel``) over folds or seeds; the
+    standard deviation of a single value is ``None`` (``null`` in ``results.json``), not 0."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
 
 
 def masked_loss(out: Tensor, y: Tensor, task_type: str) -> tuple[Tensor, Tensor]:

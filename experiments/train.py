@@ -19,16 +19,12 @@ test_ogb.py).
 from __future__ import annotations
 
 import abc
-import contextlib
-import csv
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,25 +41,9 @@ from tqdm import tqdm
 from experiments.config import RUNTIME_FIELDS, Config, parse_config
 from experiments.data import load_ogb, load_tu
 from experiments.models import BACKBONES, GIN, OGBGNN
+from experiments.records import atomic_path, git_commit, write_csv, write_json
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write to; it replaces ``path`` only once the write has finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
-
-
-def git_commit() -> Optional[str]:
-    """The commit checked out where this file lives, or ``None`` outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 class Task(abc.ABC):
@@ -205,7 +185,7 @@ class OGBTask(Task):
         for split in ("valid", "test"):
             values = [best[split] for best in bests]
             # One seed has no spread: null, not NaN (which is not JSON).
-            mean, std = summarize(values) if len(values) > 1 else (values[0], None)
+            mean, std = summarize(values)
             fields.update({split: mean, f"{split}_std": std})
         spread = "" if fields["test_std"] is None else f" ± {fields['test_std']:.4f}"
         seeds = f"{len(bests)} seeds" if len(bests) > 1 else "1 seed"
@@ -242,13 +222,6 @@ def _check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
     changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved[key] != current[key])
     if changed:
         raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
-
-
-def _write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor], index: int,
@@ -310,7 +283,7 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
             best = {task.unit: index, **{name: scores[name] for name in task.kept}, "best_epoch": epoch}
         progress.set_postfix({name: f"{score:.4f}" for name, score in scores.items()})
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
-        _write_csv(ckpt_path.with_suffix(".csv"), csv_fields, history)
+        write_csv(ckpt_path.with_suffix(".csv"), csv_fields, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best=best,
@@ -350,8 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = dict(dataset=config.dataset, pooling=config.pooling, metric=task.metric,
                        config=dataclasses.asdict(config), commit=git_commit(), **fields,
                        seconds_per_epoch=statistics.median(seconds))  # robust to a busy machine
-        with atomic_path(out / "results.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out / "results.json", results)
         print(f"{config.dataset} {config.pooling}: {line}, {results['seconds_per_epoch']:.2f} s per epoch "
               f"-> {out / 'results.json'}")
     if world_size > 1:

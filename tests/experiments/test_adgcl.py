@@ -55,6 +55,7 @@ def test_acceptance(cache, tmp_path):
     assert [seed["seed"] for seed in results["seeds"]] == [0]
     assert all(0 <= seed["test_acc"] <= 1 and 0 <= seed["val_acc"] <= 1 for seed in results["seeds"])
     assert results["mean"] == results["seeds"][0]["test_acc"]
+    assert results["std"] is None  # one seed
     assert results["config"]["folds"] == 10 and results["config"]["epochs"] == 2
     rows = _rows(tmp_path / "seed0.csv", drop=())
     assert [int(row["epoch"]) for row in rows] == [1, 2]

@@ -79,3 +79,4 @@ def test_summarize():
     mean, std = summarize([0.5, 0.75, 1.0])
     assert mean == pytest.approx(0.75)
     assert std == pytest.approx(0.25)  # the sample standard deviation
+    assert summarize([0.8]) == (pytest.approx(0.8), None)  # one seed has no spread
