@@ -371,8 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    seconds_per_epoch=statistics.median(seconds))  # robust to a busy machine
     write_json(out / "results.json", results)
     spread = "" if std is None else f" ± {100 * std:.2f}"
-    print(f"AD-GCL {config.dataset} {config.pooling}: test accuracy {100 * mean:.2f}{spread} over "
-          f"{len(seeds)} seeds, {results['seconds_per_epoch']:.2f} s per epoch -> {out / 'results.json'}")
+    count = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    print(f"AD-GCL {config.dataset} {config.pooling}: test accuracy {100 * mean:.2f}{spread} over {count}, "
+          f"{results['seconds_per_epoch']:.2f} s per epoch -> {out / 'results.json'}")
 
 
 if __name__ == "__main__":
