@@ -595,7 +595,8 @@ def write_outputs(df: pd.DataFrame, out: Path, info: dict[str, str], plan: Plan)
         "ratio is the median over repeats of (time / the baseline's time in the same repeat); its baseline "
         "is named in the row: PyG's `SoftmaxAggregation(learn=True)` for the aggregations, ours at the same "
         "solver and K for the padded implementation (so its ratio is how many times slower padding is); "
-        f"compiled methods are divided by eager Softmax too. Peak memory (`peak_mb`) is the extra memory of forward+backward: {memory_how}. "
+        "compiled methods are divided by eager Softmax too. Peak memory (`peak_mb`) is the extra memory of "
+        f"forward+backward: {memory_how}. "
         f"Set sizes: `uniform` = every set has the mean size; `lognormal` = sigma {LOGNORMAL_SIGMA} in "
         "log-size, mean as given. `max_set` is the largest set, to which padding pads every set.",
         "## Headline",

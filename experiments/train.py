@@ -41,9 +41,9 @@ from tqdm import tqdm
 from experiments.config import RUNTIME_FIELDS, Config, parse_config
 from experiments.data import load_ogb, load_tu
 from experiments.models import BACKBONES, GIN, OGBGNN
-from experiments.records import atomic_path, git_commit, write_csv, write_json
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
+from experiments.records import atomic_path, git_commit, write_csv, write_json
 
 
 class Task(abc.ABC):
@@ -184,8 +184,7 @@ class OGBTask(Task):
         fields: dict[str, Any] = dict(seeds=bests)
         for split in ("valid", "test"):
             values = [best[split] for best in bests]
-            # One seed has no spread: null, not NaN (which is not JSON).
-            mean, std = summarize(values)
+            mean, std = summarize(values)  # std is None (null) for one seed
             fields.update({split: mean, f"{split}_std": std})
         spread = "" if fields["test_std"] is None else f" ± {fields['test_std']:.4f}"
         seeds = f"{len(bests)} seeds" if len(bests) > 1 else "1 seed"
