@@ -13,7 +13,7 @@ from torch_geometric.nn import GINConv, GINEConv, MLP, aggr, global_add_pool
 from uotp_geometric import UOTAggregation
 
 POOLINGS = ("add", "mean", "max", "mixed", "softmax", "gem", "attention", "gated_attention", "set2set",
-            "deepsets", "gmt", "uot", "uot_badmm")
+            "deepsets", "gmt", "uot", "uot_badmm", "rot", "rot_badmm")
 
 
 class MixedAggregation(aggr.Aggregation):
@@ -50,12 +50,13 @@ class GatedAttentionGate(torch.nn.Module):
 
 
 def make_readout(name: str, channels: int, num_iters: int = 4, eps: float = 1.0, lam_p: float = float("inf"),
-                 lam_q: float = 1.0) -> tuple[aggr.Aggregation, int]:
+                 lam_q: float = 1.0, gw: float = 0.1) -> tuple[aggr.Aggregation, int]:
     """The graph readout called ``name`` for ``channels``-wide node features, and its output width.
 
     This is the one place a pooling is chosen by name, so that every pooling is trained the same way.
     ``num_iters``, ``eps``, ``lam_p`` and ``lam_q`` set ``uot`` (Sinkhorn) and ``uot_badmm`` (BADMM): the
-    number of solver iterations and the initial values of the learned parameters.
+    number of solver iterations and the initial values of the learned parameters. ``rot`` and ``rot_badmm``
+    are the same with ROT-Pooling's structure term, its weight learned from ``gw``.
     """
     out_channels = channels
     if name == "add":
@@ -83,9 +84,9 @@ def make_readout(name: str, channels: int, num_iters: int = 4, eps: float = 1.0,
                                            global_nn=MLP([channels, channels, channels], norm=None))
     elif name == "gmt":
         readout = aggr.GraphMultisetTransformer(channels, k=16, heads=4)
-    elif name in ("uot", "uot_badmm"):
-        readout = UOTAggregation(solver="sinkhorn" if name == "uot" else "badmm", num_iters=num_iters, eps=eps,
-                                 lam_p=lam_p, lam_q=lam_q)
+    elif name in ("uot", "uot_badmm", "rot", "rot_badmm"):
+        readout = UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=num_iters,
+                                 eps=eps, lam_p=lam_p, lam_q=lam_q, gw=gw if name.startswith("rot") else 0.0)
     else:
         raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}")
     return readout, out_channels

@@ -1,34 +1,110 @@
 """What a run leaves on disk: files replaced atomically (a killed run never leaves half a file), per-epoch CSV
-logs, ``results.json``, and the commit that produced them."""
+logs, ``results.json``, the commit that produced them, the lock that keeps a second run out of a run
+directory, and the learned UOT values logged per epoch."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
+import io
 import json
 import os
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
+import torch
+
+from uotp_geometric import UOTAggregation
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write to; it replaces ``path`` only once the write has finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
+    """A temporary path to write to; it replaces ``path`` only once the write has finished.
+
+    The temporary name is unique, so that two writers never share it; a failed write removes it.
+    """
+    # Not tempfile.mkstemp: its files are private (0600), and the results should keep the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def csv_text(fields: Sequence[str], rows: list[dict[str, Any]]) -> str:
+    """``rows`` as CSV: the columns ``fields``, then any other keys of the rows in the order they first appear
+    (such as :func:`uot_values`); a row without a column leaves it empty."""
+    fields = list(dict.fromkeys([*fields, *(key for row in rows for key in row)]))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write(csv_text(fields, rows))
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def epoch_seconds(seconds: Sequence[float]) -> dict[str, float]:
+    """The ``results.json`` timing fields: the median seconds per epoch (``seconds_per_epoch``), robust to a
+    few slow epochs, and the 90th percentile (``seconds_per_epoch_p90``), which shows a run slowed throughout
+    by a busy machine."""
+    return dict(seconds_per_epoch=float(np.median(seconds)),
+                seconds_per_epoch_p90=float(np.percentile(seconds, 90)))
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Creates ``folder`` and holds an exclusive lock on it (``folder/.lock``, holding the PID) for the
+    duration; the OS releases it when the process ends, even when it is killed. A second run on the same
+    folder ends at once with a message naming the folder and the first run's PID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    # The file is never deleted: a lock on a deleted file would let a third run lock a new one.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SystemExit(f"{folder} is in use by another run (PID {pid}, lock {path}); wait for it to end "
+                             f"or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def uot_values(model: torch.nn.Module) -> dict[str, float]:
+    """The current value of every parameter of every :class:`UOTAggregation` in ``model``, for the per-epoch log.
+
+    A value is ``uot_<name>`` (``eps``, ``lam_p``, ... as the layer has them), or ``uot_<name>_<k>`` for
+    iteration ``k = 0, 1, ...`` of a ``per_iteration`` layer; with several UOT layers, each column starts with
+    the layer's module path (``convs.0.aggr.uot_eps``). A model without a UOT layer gives ``{}``.
+    """
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, UOTAggregation)]
+    values = {}
+    for path, layer in layers:
+        prefix = f"{path}.uot_" if len(layers) > 1 else "uot_"
+        for name in layer.init_values:
+            value = layer.value(name).detach().cpu().tolist()
+            if layer.per_iteration:
+                values.update({f"{prefix}{name}_{k}": v for k, v in enumerate(value)})
+            else:
+                values[f"{prefix}{name}"] = value[0]
+    return values
 
 
 def git_commit() -> Optional[str]:

@@ -1,14 +1,21 @@
-"""``python -m experiments.table RUN_DIRS... --out docs/NAME``: results.json files to NAME.md and NAME.png.
+"""``python -m experiments.table RUN_DIRS... --out DIR``: results.json files to a table and its statistics.
 
-The markdown table has one row per dataset (per dataset and backbone for OGB, whose leaderboards list GIN and
-GIN-virtual apart) and one column per pooling, mean ± std over folds or seeds, in the order the runs are given,
-and starts with the command that made it. It reads results with ``mean`` and ``std`` (TU: over folds) and OGB
-results with ``metric``, ``test`` and ``test_std`` (over seeds; null for one seed).
+Writes ``DIR/table.md`` and ``DIR/table.png`` (one row per dataset, one column per pooling: the test score, mean
+± sample std over the run's folds or seeds, the best per dataset in bold), and ``DIR/stats.md`` and
+``DIR/ranks.png`` (:mod:`experiments.stats`: per dataset, each UOT/ROT pooling against the best other
+pooling, paired over folds, seeds or seeds x folds, by the Wilcoxon signed-rank test; across datasets, average
+ranks, Friedman's test, the Nemenyi post-hoc test and the critical-difference diagram). Each file starts with the
+command that made it.
+
+It reads the three kinds of ``results.json``: TU (``folds``, each with ``test_acc``), AD-GCL (``seeds``, each with
+``test_acc`` and, from runs that record it, ``fold_test_acc``) and OGB (``seeds``, each with ``test``). A run's
+mean must be the average of its folds or seeds; OGB rows are per dataset and backbone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -17,9 +24,15 @@ from typing import Any, Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from experiments import stats  # noqa: E402
 
 PERCENT_METRICS = frozenset({"accuracy", "acc", "rocauc", "ap"})  # in [0, 1], shown in percent
+LOWER_IS_BETTER = frozenset({"rmse", "mae"})
+CANDIDATES = ("uot", "uot_badmm", "rot", "rot_badmm")  # each against the best other pooling of a dataset
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -27,18 +40,57 @@ def load_results(path: Path) -> dict[str, Any]:
     return json.loads((path / "results.json" if path.is_dir() else path).read_text())
 
 
-def score(result: dict[str, Any]) -> tuple[float, Optional[float]]:
-    """``(mean, std)`` of the test metric, in percent for metrics in [0, 1]; ``std`` is ``None`` for one seed."""
-    mean, std = (result["mean"], result["std"]) if "mean" in result else (result["test"], result["test_std"])
-    scale = 100.0 if result.get("metric", "accuracy") in PERCENT_METRICS else 1.0
-    return scale * mean, None if std is None else scale * std
+def unit_scores(result: dict[str, Any], fine: bool = False) -> dict[tuple[int, ...], float]:
+    """A run's test scores by unit: ``(fold,)`` for TU runs, ``(seed,)`` for seeded runs, and ``(seed, fold)``
+    with ``fine`` for AD-GCL runs that record each fold's test accuracy."""
+    if "folds" in result:
+        return {(fold["fold"],): fold["test_acc"] for fold in result["folds"]}
+    key = "test" if "test" in result["seeds"][0] else "test_acc"
+    if fine:
+        return {(seed["seed"], fold): acc for seed in result["seeds"]
+                for fold, acc in enumerate(seed["fold_test_acc"])}
+    return {(seed["seed"],): seed[key] for seed in result["seeds"]}
 
 
-def cell(result: dict[str, Any]) -> str:
-    """``mean ± std`` (``mean`` alone for one seed) with one decimal in percent, three otherwise."""
-    digits = 1 if result.get("metric", "accuracy") in PERCENT_METRICS else 3
-    mean, std = score(result)
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def has_fold_scores(result: dict[str, Any]) -> bool:
+    return "seeds" in result and all("fold_test_acc" in seed for seed in result["seeds"])
+
+
+def unit_name(result: dict[str, Any], fine: bool = False) -> str:
+    return "folds" if "folds" in result else "seeds x folds" if fine else "seeds"
+
+
+def summary(result: dict[str, Any]) -> tuple[float, Optional[float], int]:
+    """Mean, sample std (``None`` for one unit) and number of the run's folds or seeds."""
+    values = np.asarray(list(unit_scores(result).values()), dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None, len(values)
+
+
+def check_summary(result: dict[str, Any], path: Path) -> None:
+    """Refuses a run whose recorded mean is not the average of its folds or seeds."""
+    mean, _, count = summary(result)
+    recorded = result["mean"] if "mean" in result else result["test"]
+    if not math.isclose(recorded, mean, rel_tol=0, abs_tol=1e-12):
+        raise ValueError(f"{path}: recorded mean {recorded} is not the average {mean} of its {count} "
+                         f"{unit_name(result)}")
+
+
+def metric(result: dict[str, Any]) -> str:
+    return result.get("metric", "accuracy")
+
+
+def orientation(result: dict[str, Any]) -> int:
+    """1 where a higher score is better, -1 for errors such as RMSE."""
+    return -1 if metric(result) in LOWER_IS_BETTER else 1
+
+
+def scale(result: dict[str, Any]) -> float:
+    return 100.0 if metric(result) in PERCENT_METRICS else 1.0
+
+
+def fmt(value: float, result: dict[str, Any]) -> str:
+    """One decimal in percent, three for other metrics."""
+    return f"{scale(result) * value:.{1 if metric(result) in PERCENT_METRICS else 3}f}"
 
 
 def row_name(result: dict[str, Any]) -> str:
@@ -47,59 +99,197 @@ def row_name(result: dict[str, Any]) -> str:
     return f"{dataset} {backbone}" if dataset.startswith("ogbg-") and backbone else dataset
 
 
+def paired_samples(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], str]:
+    """Each pooling's scores over the units all of ``runs`` share, in one order, and what the units are:
+    seeds x folds when every run records its folds' scores, else its folds or seeds."""
+    fine = all(has_fold_scores(result) for result in runs.values())
+    by_unit = {pooling: unit_scores(result, fine) for pooling, result in runs.items()}
+    shared = sorted(set.intersection(*(set(scores) for scores in by_unit.values())))
+    name = unit_name(next(iter(runs.values())), fine)
+    if any(len(scores) != len(shared) for scores in by_unit.values()):
+        name += " shared by all runs"
+    return {pooling: np.array([scores[unit] for unit in shared]) for pooling, scores in by_unit.items()}, name
+
+
+def _command(argv: Optional[Sequence[str]]) -> str:
+    return shlex.join(["python", "-m", "experiments.table", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str], poolings: list[str],
+                command: str, out: Path) -> None:
+    """``table.md`` and ``table.png``."""
+    lines = [f"Made by `{command}`.", "",
+             "Test score, mean ± sample std over each run's folds or seeds (the column *over*); percent for "
+             "accuracy, ROC-AUC and AP. The best mean per dataset is in bold (the best of two or more runs).", "",
+             "| dataset | metric | over | " + " | ".join(poolings) + " |", "|---|---|---|" + "---:|" * len(poolings)]
+    for dataset in datasets:
+        runs = {p: cells[dataset, p] for p in poolings if (dataset, p) in cells}
+        first = next(iter(runs.values()))
+        sign = orientation(first)
+        best = max(sign * summary(r)[0] for r in runs.values())
+        counts = {summary(r)[2] for r in runs.values()}
+        mixed = len(counts) > 1  # then each cell says its count
+        units = unit_name(first)
+        over = f"n {units} in cells" if mixed else f"{min(counts)} {units[:-1] if counts == {1} else units}"
+        row = []
+        for pooling in poolings:
+            if pooling not in runs:
+                row.append("")
+                continue
+            mean, std, count = summary(runs[pooling])
+            text = fmt(mean, first) if std is None else f"{fmt(mean, first)} ± {fmt(std, first)}"
+            text += f" (n={count})" if mixed else ""
+            row.append(f"**{text}**" if sign * mean == best and len(runs) > 1 else text)
+        lines.append(f"| {dataset} | {metric(first)} | {over} | " + " | ".join(row) + " |")
+    svms: dict[str, list[str]] = {}
+    for (dataset, pooling), result in cells.items():
+        if result.get("protocol") == "adgcl":
+            svms.setdefault(result.get("svm", "not recorded in results.json"), []).append(f"{dataset} {pooling}")
+    if svms:
+        lines += ["", "SVM of the AD-GCL runs:", ""]
+        lines += [f"- {svm}: {', '.join(runs)}" for svm, runs in svms.items()]
+    out.joinpath("table.md").write_text("\n".join(lines) + "\n")
+
+    # One panel per dataset: scores of different datasets (and metrics) need their own y axis.
+    ncols = min(4, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    panel_width = max(3.2, 0.8 + 0.42 * len(poolings))  # room for the title and the rotated names
+    fig = Figure(figsize=(panel_width * ncols, 0.6 + 3.4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, dataset in zip(axes, datasets):
+        present = [p for p in poolings if (dataset, p) in cells]
+        results = [cells[dataset, p] for p in present]
+        sign = orientation(results[0])
+        means = np.array([scale(r) * summary(r)[0] for r in results])
+        stds = np.array([scale(r) * (summary(r)[1] or 0.0) for r in results])
+        colors = ["tab:red" if p in CANDIDATES else "tab:blue" for p in present]
+        xs = [poolings.index(p) for p in present]
+        # Points with error bars, not bars: the y axis need not start at 0, so close scores stay apart.
+        for x, mean, std, color in zip(xs, means, stds, colors):
+            ax.errorbar(x, mean, yerr=std, fmt="o", color=color, capsize=3)
+        best = xs[int(np.argmax(sign * means))]
+        ax.axvspan(best - 0.4, best + 0.4, color="gold", alpha=0.3, lw=0)
+        ax.set_xticks(range(len(poolings)), poolings, rotation=60, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(poolings) - 0.4)
+        ax.set_title(f"{dataset}\n{metric(results[0])}, over {unit_name(results[0])}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(datasets):]:
+        ax.set_visible(False)
+    fig.suptitle(("\n" if ncols == 1 else " ").join(["test score, mean ± std", "(UOT in red, best mean shaded)"]),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "table.png", dpi=150)
+
+
+def write_stats(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str], poolings: list[str],
+                compared: list[str], alpha: float, command: str, out: Path) -> None:
+    """``stats.md`` and, when Friedman's test applies, ``ranks.png``."""
+    lines = [f"Made by `{command}`.", "", "## Per dataset: UOT (and ROT) against the best other pooling", "",
+             "Wilcoxon signed-rank test (scipy.stats.wilcoxon: two-sided, pairs with equal scores dropped), "
+             "paired over the units both runs share: folds of one split (TU), seeds (OGB, AD-GCL), or seeds x "
+             "folds where AD-GCL runs record each fold. The *best other* pooling is the one outside "
+             f"{', '.join(CANDIDATES)} with the best mean on that dataset, chosen after seeing the results, and "
+             "the p-values are not corrected for the number of tests: read them as descriptive. Seeds x folds "
+             "pairs are not independent (the folds of one seed share its encoder), so their p-values are "
+             "optimistic. With n differing pairs the smallest possible two-sided p-value is 2 / 2^n (0.25 for 3, "
+             "0.0625 for 5). Differences are in points of the metric (percentage points for percent metrics).",
+             "", "| dataset | pooling | mean | best other | its mean | difference | pairs (differing) | p |",
+             "|---|---|---:|---|---:|---:|---|---:|"]
+    for dataset in datasets:
+        runs = {p: cells[dataset, p] for p in poolings if (dataset, p) in cells}
+        samples, units = paired_samples(runs)
+        first = next(iter(runs.values()))
+        for row in stats.versus_best_other(samples, CANDIDATES, orientation(first) == 1):
+            p = "—" if row["p"] is None else f"{row['p']:.3g}"
+            lines.append(f"| {dataset} | {row['pooling']} | {fmt(row['mean'], first)} | {row['other']} | "
+                         f"{fmt(row['other_mean'], first)} | {scale(first) * row['difference']:+.2f} | "
+                         f"{row['pairs']} {units} ({row['differing']}) | {p} |")
+
+    complete = [d for d in datasets if all((d, p) in cells for p in compared)]
+    left_out = {d: [p for p in compared if (d, p) not in cells] for d in datasets if d not in complete}
+    lines += ["", "## Across datasets: average ranks, Friedman, Nemenyi", "",
+              f"Poolings compared: {', '.join(compared)}. Each pooling's rank on a dataset by its mean score "
+              f"(1 = best, ties share the mean rank), averaged over the {len(complete)} datasets that have all of "
+              f"them: {', '.join(complete) or 'none'}."]
+    if left_out:
+        lines += ["Left out, for lack of runs: " + "; ".join(f"{d} (no {', '.join(m)})" for d, m in left_out.items())
+                  + "."]
+    ranks_png = out / "ranks.png"
+    if not complete:
+        ranks_png.unlink(missing_ok=True)
+        out.joinpath("stats.md").write_text("\n".join(lines) + "\n")
+        return
+    # Oriented so that higher is better on every dataset, whatever its metric.
+    scores = pd.DataFrame([[orientation(cells[d, p]) * summary(cells[d, p])[0] for p in compared] for d in complete],
+                          index=complete, columns=compared)
+    ranks = stats.average_ranks(scores)
+    lines += ["", "| pooling | average rank |", "|---|---:|"]
+    lines += [f"| {p} | {r:.2f} |" for p, r in ranks.sort_values().items()]
+    k, n = len(compared), len(complete)
+    if k < 3 or n < 2:
+        lines += ["", f"Friedman's test and the Nemenyi test need at least 3 poolings and 2 datasets (here {k} "
+                      f"and {n}); not computed, and no ranks.png."]
+        ranks_png.unlink(missing_ok=True)
+        out.joinpath("stats.md").write_text("\n".join(lines) + "\n")
+        return
+    chi2, p = stats.friedman(scores)
+    cd = stats.critical_difference(k, n, alpha)
+    pvalues = stats.nemenyi(scores)
+    lines += ["", f"Friedman's test (scipy.stats.friedmanchisquare): chi-square = {chi2:.2f} with {k - 1} degrees "
+                  f"of freedom, p = {p:.3g} over N = {n} datasets (the chi-square approximation is rough for "
+                  f"few datasets).",
+              "", f"Nemenyi post-hoc test (scikit_posthocs.posthoc_nemenyi_friedman): two poolings differ at level "
+                  f"{alpha} when their average ranks differ by more than the critical difference CD = {cd:.2f} "
+                  f"(k = {k}, N = {n}); `ranks.png` draws it. Pairwise p-values:",
+              "", "| | " + " | ".join(compared) + " |", "|---|" + "---:|" * k]
+    lines += [f"| {a} | " + " | ".join("" if a == b else f"{pvalues.loc[a, b]:.3g}" for b in compared) + " |"
+              for a in compared]
+    out.joinpath("stats.md").write_text("\n".join(lines) + "\n")
+    fig = stats.plot_critical_difference(ranks, pvalues, f"average rank over {n} datasets (1 = best), Friedman p = "
+                                         f"{p:.3g}\nbars join poolings with Nemenyi p > {alpha} (CD = {cd:.2f})",
+                                         alpha)
+    fig.savefig(ranks_png, dpi=150)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or results.json files")
-    parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for table.md, table.png, stats.md and ranks.png")
+    parser.add_argument("--poolings", nargs="+",
+                        help="the poolings to rank across datasets (default: all of the runs')")
+    parser.add_argument("--alpha", type=float, default=0.05, help="level of the Nemenyi test")
     args = parser.parse_args(argv)
 
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for path in args.runs:
-        result = load_results(path)
+        try:
+            result = load_results(path)
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"cannot read {path}: {error}")
+        try:
+            check_summary(result, path)
+        except KeyError as error:
+            parser.error(f"{path}: not the results of experiments.train or experiments.adgcl (no {error})")
+        except ValueError as error:
+            parser.error(str(error))
         key = (row_name(result), result["pooling"])
         if key in cells:
             parser.error(f"two runs of {key[1]} on {key[0]}, the second in {path}")
         cells[key] = result
     datasets = list(dict.fromkeys(dataset for dataset, _ in cells))
     poolings = list(dict.fromkeys(pooling for _, pooling in cells))
-    metrics = {dataset: next(r.get("metric", "accuracy") for (d, _), r in cells.items() if d == dataset)
-               for dataset in datasets}
+    unknown = sorted(set(args.poolings or []) - set(poolings))
+    if unknown:
+        parser.error(f"--poolings names poolings without runs: {', '.join(unknown)}")
 
-    command = shlex.join(["python", "-m", "experiments.table",
-                          *(sys.argv[1:] if argv is None else argv)])
-    lines = [f"Made by `{command}`.", "",
-             "Test score, mean ± std over folds (or seeds); percent for accuracy, ROC-AUC and AP.", "",
-             "| dataset | metric | " + " | ".join(poolings) + " |",
-             "|---|---|" + "---:|" * len(poolings)]
-    for dataset in datasets:
-        row = [cell(cells[dataset, p]) if (dataset, p) in cells else "" for p in poolings]
-        lines.append(f"| {dataset} | {metrics[dataset]} | " + " | ".join(row) + " |")
-    timed = {key: r["seconds_per_epoch"] for key, r in cells.items() if "seconds_per_epoch" in r}
-    if timed:
-        lines += ["", "Seconds per epoch (median over epochs, training and evaluation).", "",
-                  "| dataset | " + " | ".join(poolings) + " |", "|---|" + "---:|" * len(poolings)]
-        for dataset in datasets:
-            row = [f"{timed[dataset, p]:.2f}" if (dataset, p) in timed else "" for p in poolings]
-            lines.append(f"| {dataset} | " + " | ".join(row) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-    fig, ax = plt.subplots(figsize=(2 + 0.3 * len(datasets) * len(poolings), 3.5))
-    width = 0.8 / len(poolings)
-    for i, pooling in enumerate(poolings):
-        xs = [j + (i - (len(poolings) - 1) / 2) * width for j, d in enumerate(datasets) if (d, pooling) in cells]
-        scores = [score(cells[d, pooling]) for d in datasets if (d, pooling) in cells]
-        # Points, not bars: the y axis need not start at 0, so close scores stay apart.
-        ax.errorbar(xs, [m for m, _ in scores], yerr=[s or 0.0 for _, s in scores], fmt="o", capsize=3,
-                    label=pooling)
-    ax.set_xticks(range(len(datasets)), [f"{d}\n({metrics[d]})" for d in datasets])
-    ax.set_ylabel("test score (mean ± std)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncol=min(len(poolings), 4), loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=150)
-    plt.close(fig)
-    print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+    command = _command(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_table(cells, datasets, poolings, command, args.out)
+    write_stats(cells, datasets, poolings, args.poolings or poolings, args.alpha, command, args.out)
+    written = [args.out / name for name in ("table.md", "table.png", "stats.md", "ranks.png")]
+    print(f"wrote {', '.join(str(path) for path in written if path.exists())}")
 
 
 if __name__ == "__main__":

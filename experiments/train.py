@@ -7,7 +7,14 @@ both through the same training loop, checkpoints and files, with a :class:`Task`
 Each fold or seed keeps a checkpoint in the run directory (``--out``), rewritten every epoch, so running the same
 command again continues where a crash or kill stopped it; on CPU (same machine and thread count) it ends with
 exactly the numbers of an uninterrupted run, while CUDA's atomic scatter kernels are not deterministic. A finished
-fold or seed is read back, never recomputed.
+fold or seed is read back, never recomputed; ``--restart N`` trains fold or seed ``N`` again from scratch (for a
+damaged checkpoint). A run holds a lock on its directory, so a second run on the same ``--out`` stops at once.
+
+The per-epoch CSV logs the losses, scores, learning rate, seconds and the learned values of every UOT layer
+(:func:`experiments.records.uot_values`). On a terminal, progress shows as a tqdm bar; otherwise (a log file) as one
+plain line per epoch. ``results.json`` has the median seconds per epoch (``seconds_per_epoch``) and the 90th
+percentile (``seconds_per_epoch_p90``). ``--threads 1`` keeps several runs on one CPU from slowing each other
+down by oversubscription.
 
 Under ``torchrun --nproc_per_node=N`` the model trains with DistributedDataParallel: each global batch of
 ``batch_size`` graphs is split over the processes, and rank 0 evaluates and writes every file. On CUDA,
@@ -19,9 +26,11 @@ test_ogb.py).
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
-import statistics
+import pickle
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,18 +47,20 @@ from torch_geometric.data import Batch, InMemoryDataset
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
-from experiments.config import RUNTIME_FIELDS, Config, parse_config
-from experiments.data import load_ogb, load_tu
+from experiments.config import RUNTIME_FIELDS, Config, UsageError, parse_run
+from experiments.data import load_ogb, load_tu, ogb_names
 from experiments.models import BACKBONES, GIN, OGBGNN
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
-from experiments.records import atomic_path, git_commit, write_csv, write_json
+from experiments.records import (atomic_path, csv_text, epoch_seconds, git_commit, run_lock, uot_values, write_csv,
+                                 write_json)
 
 
 class Task(abc.ABC):
     """What a benchmark defines around the shared loop of :func:`train_split`: its data and splits, the model,
     the training loss, the per-epoch scores, which score picks the best epoch, and the summary over folds or
-    seeds. The constructor checks the config, so that a bad one fails before any data is loaded."""
+    seeds. The constructor checks the config (raising :class:`UsageError`), so that a bad one fails before any
+    data is loaded."""
 
     metric: str  # the name of the test score, written to results.json
     unit: str  # what one training run is called: "fold" or "seed"
@@ -100,7 +111,7 @@ class TUTask(Task):
 
     def __init__(self, config: Config) -> None:
         if config.backbone != "gin" or config.num_seeds != 1:
-            raise SystemExit("TU runs train benchmark/kernel's GIN with one seed and k folds: --backbone gin, "
+            raise UsageError("TU runs train benchmark/kernel's GIN with one seed and k folds: --backbone gin, "
                              "--num_seeds 1 (backbone and num_seeds choices are for ogbg-* datasets)")
         super().__init__(config)
 
@@ -145,15 +156,20 @@ class OGBTask(Task):
     min_per_process = 2
 
     def __init__(self, config: Config) -> None:
-        from ogb.graphproppred import Evaluator  # ogb is an optional dependency
-
+        try:
+            from ogb.graphproppred import Evaluator
+        except ImportError:
+            raise UsageError(f"{config.dataset} needs the ogb package, the optional extra: "
+                             f"pip install -e '.[ogb]'") from None
+        if config.dataset not in ogb_names():
+            raise UsageError(f"unknown OGB dataset {config.dataset!r}; choose one of {', '.join(ogb_names())}")
         if config.backbone not in BACKBONES:
-            raise SystemExit(f"unknown backbone {config.backbone!r} for {config.dataset}; choose one of "
+            raise UsageError(f"unknown backbone {config.backbone!r} for {config.dataset}; choose one of "
                              f"{', '.join(BACKBONES)}")
         if config.folds != Config.folds:
-            raise SystemExit(f"{config.dataset} comes with its official split; --folds is for TU datasets")
+            raise UsageError(f"{config.dataset} comes with its official split; --folds is for TU datasets")
         super().__init__(config)
-        self.evaluator = Evaluator(config.dataset)  # also rejects an unknown dataset name
+        self.evaluator = Evaluator(config.dataset)
         self.metric = self.evaluator.eval_metric
         self.maximize = higher_is_better(self.metric)
 
@@ -223,16 +239,24 @@ def _check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
         raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
 
 
+def _damaged(path: Path, task: Task, index: int, error: Exception) -> SystemExit:
+    # The error's own text is torch's (pickling advice for a file that is simply cut short): left out.
+    return SystemExit(f"{path} is damaged ({type(error).__name__}); train {task.unit} {index} again with "
+                      f"--restart {index}, or move the file aside")
+
+
 def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor], index: int,
-                key: tuple[int, ...], device: torch.device, rank: int,
-                world_size: int) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
-    """Trains fold or seed ``index`` (``task.unit``) on its ``(train, val, test)`` split, from scratch or from its
-    checkpoint. All randomness derives from ``key``.
+                key: tuple[int, ...], device: torch.device, rank: int, world_size: int,
+                restart: bool = False) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """Trains fold or seed ``index`` (``task.unit``) on its ``(train, val, test)`` split, from scratch
+    (``restart``, or without a checkpoint) or from its checkpoint. All randomness derives from ``key``.
 
     Returns the result at the first epoch of best ``task.selection`` and the per-epoch log; both are only kept on
     rank 0.
     """
     ckpt_path = Path(config.out) / f"{task.unit}{index}.pt"
+    csv_path = ckpt_path.with_suffix(".csv")
+    csv_fields = ("epoch", "train_loss", *task.scores, "lr", "seconds")
     seed_everything(derive_seed(*key))  # the initial parameters, equal on every rank
     model = task.model()
     if world_size > 1 and device.type == "cuda":
@@ -242,14 +266,26 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
     scheduler = StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
 
     epoch, best, history = 0, None, []
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device)
-        _check_resumable(ckpt["config"], config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+    if ckpt_path.exists() and not restart:
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device)
+            saved = ckpt["config"]
+        except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+            raise _damaged(ckpt_path, task, index, error) from None
+        _check_resumable(saved, config, ckpt_path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise _damaged(ckpt_path, task, index, error) from None
     if epoch == config.epochs:
+        # The checkpoint holds the whole log: a CSV cut short or edited since is written again from it.
+        if rank == 0 and (not csv_path.exists() or csv_path.read_bytes().decode(errors="replace")
+                          != csv_text(csv_fields, history)):
+            write_csv(csv_path, csv_fields, history)
+            print(f"{csv_path} did not match the log in {ckpt_path}; written again from it", flush=True)
         return best, history
 
     train_idx, val_idx, test_idx = split
@@ -259,10 +295,11 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
     val_loader = DataLoader(dataset[val_idx], config.batch_size, num_workers=config.num_workers)
     test_loader = DataLoader(dataset[test_idx], config.batch_size, num_workers=config.num_workers)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
-    csv_fields = ("epoch", "train_loss", *task.scores, "lr", "seconds")
 
-    progress = tqdm(range(epoch + 1, config.epochs + 1), initial=epoch, total=config.epochs,
-                    desc=f"{config.dataset} {config.pooling} {task.unit} {index}", disable=rank != 0)
+    name = f"{config.dataset} {config.pooling} {task.unit} {index}"
+    bar = rank == 0 and sys.stdout.isatty()  # a bar redrawn with carriage returns only reads well on a terminal
+    progress = tqdm(range(epoch + 1, config.epochs + 1), initial=epoch, total=config.epochs, desc=name,
+                    disable=not bar)
     for epoch in progress:
         start = time.perf_counter()
         # The epoch's randomness (batch order, dropout) is a function of (key, epoch, rank) alone, so a resumed
@@ -276,13 +313,18 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
             continue
 
         scores = task.evaluate(model, val_loader, test_loader, device)
-        history.append(dict(epoch=epoch, train_loss=train_loss, **scores, lr=lr,
-                            seconds=time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        history.append(dict(epoch=epoch, train_loss=train_loss, **scores, lr=lr, seconds=seconds,
+                            **uot_values(model)))
         if best is None or better(scores[task.selection], best[task.selection], task.maximize):
-            best = {task.unit: index, **{name: scores[name] for name in task.kept}, "best_epoch": epoch}
-        progress.set_postfix({name: f"{score:.4f}" for name, score in scores.items()})
+            best = {task.unit: index, **{key: scores[key] for key in task.kept}, "best_epoch": epoch}
+        if bar:
+            progress.set_postfix({key: f"{score:.4f}" for key, score in scores.items()})
+        else:
+            values = " ".join(f"{key} {value:.4f}" for key, value in dict(train_loss=train_loss, **scores).items())
+            print(f"{name} epoch {epoch}/{config.epochs}: {values}, {seconds:.2f} s", flush=True)
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
-        write_csv(ckpt_path.with_suffix(".csv"), csv_fields, history)
+        write_csv(csv_path, csv_fields, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best=best,
@@ -290,8 +332,11 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
     return best, history
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    config = parse_config(argv)
+def run(config: Config, restart: Sequence[int] = ()) -> None:
+    """Trains every fold or seed of ``config`` not yet finished (and those in ``restart`` from scratch), then
+    writes ``results.json``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     device = torch.device(config.device)
     if world_size > 1:
@@ -309,24 +354,39 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if rank == 0 and world_size > 1:
         dist.barrier()
 
+    splits = task.splits()
+    unknown = sorted(set(restart) - {index for index, _, _ in splits})
+    if unknown:
+        raise UsageError(f"--restart {' '.join(map(str, unknown))}: no such {task.unit} (this run has "
+                         f"{', '.join(str(index) for index, _, _ in splits)})")
+    # Only now, with the config and the data found good, is the run directory made (and locked).
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bests, seconds = [], []
-    for index, key, split in task.splits():
-        best, history = train_split(config, task, split, index, key, device, rank, world_size)
-        bests.append(best)
-        seconds += [row["seconds"] for row in history]
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
+        bests, seconds = [], []
+        for index, key, split in splits:
+            best, history = train_split(config, task, split, index, key, device, rank, world_size,
+                                        restart=index in restart)
+            bests.append(best)
+            seconds += [row["seconds"] for row in history]
 
-    if rank == 0:
-        fields, line = task.summary(bests)
-        results = dict(dataset=config.dataset, pooling=config.pooling, metric=task.metric,
-                       config=dataclasses.asdict(config), commit=git_commit(), **fields,
-                       seconds_per_epoch=statistics.median(seconds))  # robust to a busy machine
-        write_json(out / "results.json", results)
-        print(f"{config.dataset} {config.pooling}: {line}, {results['seconds_per_epoch']:.2f} s per epoch "
-              f"-> {out / 'results.json'}")
+        if rank == 0:
+            fields, line = task.summary(bests)
+            timing = epoch_seconds(seconds)
+            results = dict(dataset=config.dataset, pooling=config.pooling, metric=task.metric,
+                           config=dataclasses.asdict(config), commit=git_commit(), **fields, **timing)
+            write_json(out / "results.json", results)
+            print(f"{config.dataset} {config.pooling}: {line}, {timing['seconds_per_epoch']:.2f} s per epoch "
+                  f"(90th percentile {timing['seconds_per_epoch_p90']:.2f}) -> {out / 'results.json'}", flush=True)
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    config, restart, parser = parse_run(argv)
+    try:
+        run(config, restart)
+    except UsageError as error:  # found only once the task or the data was looked at
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

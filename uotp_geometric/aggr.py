@@ -63,6 +63,12 @@ class UOTAggregation(Aggregation):
     cases (:meth:`from_preset`), and learns :math:`\varepsilon, \lambda_p, \lambda_q` (and
     :math:`\rho`) otherwise.
 
+    With :obj:`gw` :math:`= \gamma > 0` it is ROT-Pooling (Xu & Cheng, TPAMI 2023): the objective gains
+    :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle`, which rewards plans that align the nodes'
+    similarity :math:`C_N \propto X X^\top` with the dimensions' similarity :math:`C_D \propto X^\top X`
+    (each normalised per set; spec §6, :mod:`uotp_geometric.solvers.rot`), and :math:`\gamma` is learned
+    like the other values.
+
     Sets are given by :obj:`index` (or :obj:`ptr`) over the flat input, without padding. Inputs with
     extra axes, such as :obj:`[num_edges, heads, channels]`, pool each of those axes independently over
     the feature axis (the last one).
@@ -72,11 +78,17 @@ class UOTAggregation(Aggregation):
         num_iters (int): The number of unrolled solver iterations ``K``. (default: ``4``)
         eps (float): Initial entropic regularisation :math:`\varepsilon` (``> 0`` for Sinkhorn,
             ``>= 0`` for BADMM). (default: ``1.0``)
-        lam_p (float): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). (default: ``1.0``)
+        lam_p (float): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). The default
+            keeps the dimension marginal hard, so the pooled mass stays 1 and supervised training
+            starts stably: with the paper's :math:`\lambda_p = 1` the mass grows like
+            :math:`\exp(|x| / \varepsilon)` and training diverges. Pass ``lam_p=1.0`` for the
+            paper's setting, or use :meth:`from_preset` for a classic pooling.
+            (default: ``inf``)
         lam_q (float): Initial :math:`\lambda_q \geq 0`. (default: ``1.0``)
         rho (float): Initial BADMM step :math:`\rho > 0`. (default: ``1.0``)
         learn (bool): If :obj:`True`, the finite, positive values among :obj:`eps`, :obj:`lam_p`,
-            :obj:`lam_q` (and :obj:`rho` for BADMM) are learned, kept positive by a softplus;
+            :obj:`lam_q` (and :obj:`rho` for BADMM, :obj:`gw` and :obj:`prox` where given) are
+            learned, kept positive by a softplus;
             ``0`` and ``inf`` stay fixed. (default: :obj:`True`)
         per_iteration (bool): If :obj:`True`, each iteration has its own values. (default: :obj:`False`)
         prior (str): The node prior :math:`q`: ``"uniform"`` (:math:`1/N`), ``"attention"`` (a
@@ -87,13 +99,19 @@ class UOTAggregation(Aggregation):
         memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration instead of
             storing it, so training memory hardly grows with :obj:`num_iters`; :obj:`False` uses
             plain autograd through the unrolled iterations. (default: :obj:`True`)
+        gw (float): Initial weight :math:`\gamma \geq 0` of the structure term; ``0`` runs plain
+            UOT-Pooling and stays fixed. (default: ``0.0``)
+        prox (float): Initial proximal weight :math:`\tau \geq 0` of proximal Sinkhorn, the solver
+            of ``solver="sinkhorn"`` when ``gw > 0``; learned like :obj:`rho`. (default: ``1.0``)
+        inner_iters (int): Sinkhorn iterations per outer step of proximal Sinkhorn, whose
+            :obj:`num_iters` outer steps each take a structure step. (default: ``4``)
     """
     def __init__(
         self,
         solver: str = 'sinkhorn',
         num_iters: int = 4,
         eps: float = 1.0,
-        lam_p: float = 1.0,
+        lam_p: float = INF,
         lam_q: float = 1.0,
         rho: float = 1.0,
         learn: bool = True,
@@ -101,6 +119,9 @@ class UOTAggregation(Aggregation):
         prior: str = 'uniform',
         channels: Optional[int] = None,
         memory_efficient: bool = True,
+        gw: float = 0.0,
+        prox: float = 1.0,
+        inner_iters: int = 4,
     ) -> None:
         super().__init__()
         if solver not in SOLVERS:
@@ -112,6 +133,11 @@ class UOTAggregation(Aggregation):
         if prior not in PRIORS:
             raise ValueError(f"Unknown prior '{prior}' (expected one of "
                              f"{list(PRIORS)})")
+        if not isinstance(inner_iters, int) or inner_iters < 1:
+            raise ValueError(f"'inner_iters' must be an integer >= 1 (got "
+                             f"{inner_iters!r})")
+        if not 0 <= gw < INF:
+            raise ValueError(f"'gw' must be finite and non-negative (got {gw})")
         if prior == 'attention' and channels is None:
             raise ValueError("prior='attention' needs 'channels', the input "
                              "feature size of its gate")
@@ -122,10 +148,15 @@ class UOTAggregation(Aggregation):
         self.prior = prior
         self.channels = channels
         self.memory_efficient = memory_efficient
+        self.inner_iters = inner_iters
         self.init_values = dict(eps=float(eps), lam_p=float(lam_p),
                                 lam_q=float(lam_q))
         if solver == 'badmm':
             self.init_values['rho'] = float(rho)
+        if gw != 0:  # gw = 0 adds nothing, so the layer and its state stay those of UOT-Pooling
+            self.init_values['gw'] = float(gw)
+            if solver == 'sinkhorn':
+                self.init_values['prox'] = float(prox)
         for name, value in self.init_values.items():
             self._register_value(name, value)
         self.gate = Linear(channels, 1) if prior == 'attention' else None
@@ -153,8 +184,8 @@ class UOTAggregation(Aggregation):
             self.gate.reset_parameters()
 
     def value(self, name: str) -> Tensor:
-        r"""The current value of :obj:`name` (``"eps"``, ``"lam_p"``, ``"lam_q"`` or ``"rho"``),
-        of shape ``(num_iters,)`` if :obj:`per_iteration`, else ``(1,)``."""
+        r"""The current value of :obj:`name` (``"eps"``, ``"lam_p"``, ``"lam_q"``, ``"rho"``, ``"gw"``
+        or ``"prox"``, where the layer has it), of shape ``(num_iters,)`` if :obj:`per_iteration`, else ``(1,)``."""
         raw = getattr(self, name + '_raw', None)
         return F.softplus(raw) if raw is not None else getattr(self, name + '_fixed')
 
@@ -242,11 +273,16 @@ class UOTAggregation(Aggregation):
                        lam_q=self.value('lam_q'),
                        rho=self.value('rho') if self.solver == 'badmm' else 1.0,
                        num_iters=self.num_iters, p=p, log_q=log_q,
-                       memory_efficient=self.memory_efficient)
+                       memory_efficient=self.memory_efficient,
+                       gw=self.value('gw') if 'gw' in self.init_values else 0.0,
+                       prox=self.value('prox') if 'prox' in self.init_values else 1.0,
+                       inner_iters=self.inner_iters)
         return out.reshape(dim_size, *extra_shape, num_dims).movedim(0, dim)
 
     def __repr__(self) -> str:
         values = ', '.join(f'{k}={v:g}' for k, v in self.init_values.items())
+        if 'prox' in self.init_values:
+            values += f', inner_iters={self.inner_iters}'
         gate = f', channels={self.channels}' if self.gate is not None else ''
         return (f'{self.__class__.__name__}(solver={self.solver}, '
                 f'num_iters={self.num_iters}, {values}, learn={self.learn}, '

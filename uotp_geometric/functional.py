@@ -10,7 +10,9 @@ plan is
     + \lambda_q \operatorname{KL}(T \mathbf{1} \,\|\, q_b)
 
 and the pooled vector is :math:`z_b = D \sum_n x_n \odot T^\star_{b,n}`. Defaults are :math:`p_b =
-\mathbf{1}_D / D` and :math:`q_b = \mathbf{1}_{N_b} / N_b`.
+\mathbf{1}_D / D` and :math:`q_b = \mathbf{1}_{N_b} / N_b`. With ``gw > 0`` the problem gains the structure
+term of ROT-Pooling, :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle` (spec §6,
+:mod:`uotp_geometric.solvers.rot`).
 """
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -21,7 +23,8 @@ from torch import Tensor
 
 from uotp_geometric.segment import (Segments, segment_count, segment_sum,
                                     sorted_segments)
-from uotp_geometric.solvers import badmm_log_plan, sinkhorn_log_plan
+from uotp_geometric.solvers import (badmm_log_plan, rot_badmm_log_plan,
+                                    rot_sinkhorn_log_plan, sinkhorn_log_plan)
 
 __all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
 
@@ -85,6 +88,16 @@ def _schedule(name: str, value: Value, num_iters: int, x: Tensor,
     return out
 
 
+def _is_zero(value: Value) -> bool:
+    r"""Whether a structure weight is exactly 0 and not learned: then the solvers of spec §1 run
+    unchanged (and a Python number costs no host sync)."""
+    if isinstance(value, (int, float)):
+        return value == 0
+    if isinstance(value, Tensor) and value.requires_grad:
+        return False
+    return not bool(torch.as_tensor(value).ne(0).any())
+
+
 def _safe_log(t: Tensor) -> Tensor:
     # A zero prior entry means "no mass here"; log(tiny) keeps it finite, so no gradient sees 0 * inf.
     return t.clamp_min(torch.finfo(t.dtype).tiny).log()
@@ -123,7 +136,8 @@ def _node_prior(x: Tensor, segments: Segments,
 def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
               eps: Value, lam_p: Value, lam_q: Value, rho: Value,
               num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
-              log_q: Optional[Tensor], memory_efficient: bool
+              log_q: Optional[Tensor], memory_efficient: bool,
+              gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4
               ) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
     r"""Returns the log-plan, the features and sets it was solved on, and the row permutation
     applied to them (``None`` where the rows kept their order)."""
@@ -133,6 +147,9 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"'num_iters' must be an integer >= 1 (got "
                          f"{num_iters!r})")
+    if not isinstance(inner_iters, int) or inner_iters < 1:
+        raise ValueError(f"'inner_iters' must be an integer >= 1 (got "
+                         f"{inner_iters!r})")
     num_sets = _check_input(x, index, dim_size)
     # Exponentials and log-sum-exps need float32 at least: upcast half inputs, and keep autocast
     # from lowering any op in the solver.
@@ -156,22 +173,46 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
         x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
     with torch.autocast(x.device.type, enabled=False):
         log_plan = _solve(x, segments, solver, eps, lam_p, lam_q, rho,
-                          num_iters, log_p, log_q, memory_efficient)
+                          num_iters, log_p, log_q, memory_efficient, gw,
+                          prox, inner_iters)
     return log_plan, x, segments, perm
 
 
 def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
            lam_p: Value, lam_q: Value, rho: Value, num_iters: int,
-           log_p: Tensor, log_q: Tensor, memory_efficient: bool) -> Tensor:
+           log_p: Tensor, log_q: Tensor, memory_efficient: bool,
+           gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4) -> Tensor:
     eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
     lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
     lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
+    if not _is_zero(gw):
+        return _solve_structured(x, segments, solver, eps_k, lam_p_k, lam_q_k,
+                                 rho, num_iters, log_p, log_q,
+                                 memory_efficient, gw, prox, inner_iters)
     if solver == 'sinkhorn':
         return sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, log_p,
                                  log_q, memory_efficient)
     rho_k = _schedule('rho', rho, num_iters, x, positive=True)
     return badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p,
                           log_q, memory_efficient)
+
+
+def _solve_structured(x: Tensor, segments: Segments, solver: str,
+                      eps_k: Tensor, lam_p_k: Tensor, lam_q_k: Tensor,
+                      rho: Value, num_iters: int, log_p: Tensor,
+                      log_q: Tensor, memory_efficient: bool, gw: Value,
+                      prox: Value, inner_iters: int) -> Tensor:
+    gw_k = _schedule('gw', gw, num_iters, x)
+    if _should_validate(gw_k) and bool(gw_k.isinf().any()):
+        raise ValueError(f"'gw' must be finite (got {gw_k.detach().tolist()})")
+    if solver == 'sinkhorn':
+        prox_k = _schedule('prox', prox, num_iters, x)
+        return rot_sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k,
+                                     gw_k, prox_k, log_p, log_q, inner_iters,
+                                     memory_efficient)
+    rho_k = _schedule('rho', rho, num_iters, x, positive=True)
+    return rot_badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k,
+                              gw_k, log_p, log_q, memory_efficient)
 
 
 def uot_plan(
@@ -189,6 +230,9 @@ def uot_plan(
     q: Optional[Tensor] = None,
     log_q: Optional[Tensor] = None,
     memory_efficient: bool = True,
+    gw: Value = 0.0,
+    prox: Value = 1.0,
+    inner_iters: int = 4,
 ) -> Tensor:
     r"""The UOT plan :math:`T` of every set, stacked as the rows of ``x``.
 
@@ -213,16 +257,25 @@ def uot_plan(
             ``(N, D)`` work instead of storing it, so training memory hardly grows with ``K``
             (spec §5). :obj:`False` backpropagates through the unrolled iterations with plain
             autograd, which also supports double backward.
+        gw (float or Tensor): :math:`\gamma \geq 0`, the weight of ROT-Pooling's structure term
+            :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle` (spec §6). ``0`` (not learned)
+            runs the solvers of spec §1 unchanged; otherwise Sinkhorn becomes proximal Sinkhorn with
+            ``K`` outer steps and BADMM gains the term in its two blocks
+            (:mod:`uotp_geometric.solvers.rot`).
+        prox (float or Tensor): Proximal weight :math:`\tau \geq 0` of proximal Sinkhorn (used only
+            with ``gw`` and Sinkhorn).
+        inner_iters (int): Sinkhorn iterations ``J`` per outer step of proximal Sinkhorn (used only
+            with ``gw``).
 
-    Each of ``eps``, ``lam_p``, ``lam_q`` and ``rho`` is a scalar or a tensor of shape ``(K,)`` (one
-    value per iteration), and may require grad.
+    Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a tensor of
+    shape ``(K,)`` (one value per iteration), and may require grad.
 
     Returns:
         Tensor: The plan, shape ``(N, D)``.
     """
     log_plan, _, _, perm = _log_plan(x, index, dim_size, solver, eps, lam_p,
                                      lam_q, rho, num_iters, p, q, log_q,
-                                     memory_efficient)
+                                     memory_efficient, gw, prox, inner_iters)
     if perm is None:
         return log_plan.exp()
     inverse = torch.empty_like(perm).scatter_(
@@ -245,6 +298,9 @@ def uot_pool(
     q: Optional[Tensor] = None,
     log_q: Optional[Tensor] = None,
     memory_efficient: bool = True,
+    gw: Value = 0.0,
+    prox: Value = 1.0,
+    inner_iters: int = 4,
 ) -> Tensor:
     r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, shape ``(B, D)``.
 
@@ -252,7 +308,8 @@ def uot_pool(
     """
     log_plan, x, segments, _ = _log_plan(x, index, dim_size, solver, eps,
                                          lam_p, lam_q, rho, num_iters, p, q,
-                                         log_q, memory_efficient)
+                                         log_q, memory_efficient, gw, prox,
+                                         inner_iters)
     return x.size(-1) * segment_sum(x * log_plan.exp(), segments)
 
 

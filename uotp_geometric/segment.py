@@ -18,7 +18,7 @@ from torch_geometric.utils import scatter as pyg_scatter
 
 __all__ = [
     'Segments', 'sorted_segments', 'segment_sum', 'segment_count',
-    'segment_logsumexp', 'use_backend', 'available_backends'
+    'segment_max', 'segment_exp', 'segment_logsumexp', 'use_backend', 'available_backends'
 ]
 
 ScatterFn = Callable[[Tensor, Tensor, int, Optional[int], str], Tensor]
@@ -110,15 +110,33 @@ def segment_count(segments: Segments,
                     segments.num_sets, 'sum')
 
 
-def segment_logsumexp(src: Tensor, segments: Segments) -> Tensor:
-    r"""Computes ``out[b] = log sum_{n: index[n] = b} exp(src[n])`` stably.
+def segment_max(src: Tensor, segments: Segments) -> Tensor:
+    r"""The per-set maximum of :obj:`src`, detached, with 0 where a set is empty or all ``-inf``: a
+    shift that cancels wherever it is used, so it needs no gradient and its reduction no backward."""
+    out = _reduce(src.detach(), segments, 'max')
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
 
-    The shift by the per-set maximum is taken on detached values: it cancels in the result, so it needs
-    no gradient, and the max reduction then needs no backward. An empty set (or one whose entries are all
-    ``-inf``) gives ``log(tiny)`` instead of ``-inf``, so that no ``inf - inf`` or ``0 * inf`` can reach a
-    gradient downstream; no element reads that value back.
+
+def segment_exp(src: Tensor, segments: Segments) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Exponentiates :obj:`src` shifted by its per-set maximum, and sums the result over each set.
+
+    Returns ``(e, total, shift)`` with ``e = exp(src - shift[index])`` (entries in ``[0, 1]``),
+    ``total = segment_sum(e)`` clamped to at least ``tiny`` and the per-set maximum ``shift`` (0 where a set is
+    empty or all ``-inf``), so that ``log(total) + shift`` is the per-set log-sum-exp and ``e / total[index]``
+    the per-set softmax: one exponential serves both. ``shift`` is detached: it cancels in both results, so it
+    needs no gradient, and the max reduction then needs no backward.
     """
-    shift = _reduce(src.detach(), segments, 'max')
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    total = segment_sum((src - segments.gather(shift)).exp(), segments)
-    return total.clamp_min(torch.finfo(total.dtype).tiny).log() + shift
+    shift = segment_max(src, segments)
+    e = (src - segments.gather(shift)).exp()
+    total = segment_sum(e, segments)
+    return e, total.clamp_min(torch.finfo(total.dtype).tiny), shift
+
+
+def segment_logsumexp(src: Tensor, segments: Segments) -> Tensor:
+    r"""Computes ``out[b] = log sum_{n: index[n] = b} exp(src[n])`` stably (see :func:`segment_exp`).
+
+    An empty set (or one whose entries are all ``-inf``) gives ``log(tiny)`` instead of ``-inf``, so that
+    no ``inf - inf`` or ``0 * inf`` can reach a gradient downstream; no element reads that value back.
+    """
+    _, total, shift = segment_exp(src, segments)
+    return total.log() + shift

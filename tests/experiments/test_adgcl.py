@@ -14,8 +14,11 @@ import torch
 from torch.nn import Linear
 from torch_geometric.nn import GINConv
 
-from experiments.adgcl import (AdgclConfig, WeightedGINConv, drop_regulariser, main, nt_xent, parse_config,
-                               svm_accuracies)
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+from sklearn.svm import LinearSVC
+
+from experiments.adgcl.model import WeightedGINConv, drop_regulariser, nt_xent
+from experiments.adgcl.protocol import C_GRID, AdgclConfig, main, parse_config, svm_fold_accuracies
 from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +65,15 @@ def test_acceptance(cache, tmp_path):
     best = int(np.argmax([float(row["val_acc"]) for row in rows]))  # the first epoch of highest validation acc
     assert results["seeds"][0]["best_epoch"] == best + 1
     assert results["seeds"][0]["test_acc"] == float(rows[best]["test_acc"])
+    # The seed's score is the mean over the 10 folds' test accuracies at that epoch, each a fraction of a fold.
+    folds = results["seeds"][0]["fold_test_acc"]
+    assert len(folds) == 10 and np.mean(folds) == pytest.approx(results["seeds"][0]["test_acc"], abs=1e-15)
+    assert all(acc * n == pytest.approx(round(acc * n)) for acc, n in zip(folds, [19] * 8 + [18] * 2))
+    # The SVM setting is recorded: LinearSVC at its default C, no grid search.
+    assert results["config"]["svm_search"] is False
+    assert "LinearSVC(dual=False)" in results["svm"] and "GridSearchCV" not in results["svm"]
+    # The learned UOT values are logged per epoch, and start from the config's.
+    assert float(rows[0]["uot_eps"]) != 1.0 and float(rows[0]["uot_lam_p"]) == math.inf
 
 
 def test_nt_xent_by_hand():
@@ -100,17 +112,62 @@ def test_drop_regulariser_skips_graphs_without_edges():
     assert drop_regulariser(keep, edge_batch, 3).item() == pytest.approx((0.25 + 1.0) / 2)
 
 
-def test_svm_accuracies_in_unit_interval():
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1], 50)
-    embeddings = rng.normal(size=(100, 8)) + 3 * y[:, None]  # linearly separable up to a few points
-    accs = svm_accuracies(embeddings, y, folds=5, seed=0)
-    assert all(0 <= acc <= 1 for acc in accs)
-    assert accs[2] > 0.9
-    assert svm_accuracies(embeddings, y, folds=5, seed=0) == accs  # seeded splits
+def _blobs(n=90, classes=3, dim=6, seed=0):
+    # Overlapping classes, so that C matters and accuracies are neither 0 nor 1.
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    return rng.normal(size=(n, dim)) + 1.2 * np.eye(classes, dim)[y], y
 
 
-def test_config_flags_and_yaml(tmp_path):
+def _standardise(train, *parts):
+    # StandardScaler by hand: mean and population std of the training rows.
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    return [(part - mean) / std for part in (train, *parts)]
+
+
+def _accuracy(svm, x, y):
+    return float(np.mean(svm.classes_[svm.decision_function(x).argmax(axis=1)] == y))
+
+
+def _splits(n, folds, seed):
+    # The authors' splits: KFold test folds, then an unstratified 80/20 split of the rest.
+    for train_val, test in KFold(folds, shuffle=True, random_state=seed).split(np.zeros(n)):
+        train, val = train_test_split(train_val, test_size=0.2, random_state=seed)
+        yield train, val, test
+
+
+def test_svm_default_is_linear_svc_at_c1_without_search():
+    x, y = _blobs()
+    accs = svm_fold_accuracies(x, y, folds=5, seed=3)
+    assert accs.shape == (5, 3)
+    for (train, val, test), fold in zip(_splits(len(y), 5, 3), accs):
+        assert len(test) == 18 and len(val) == 15 and len(set(train) | set(val) | set(test)) == len(y)
+        xs = _standardise(x[train], x[val], x[test])
+        svm = LinearSVC(C=1.0, dual=False).fit(xs[0], y[train])
+        expected = [_accuracy(svm, part, y[idx]) for part, idx in zip(xs, (train, val, test))]
+        assert fold == pytest.approx(expected, abs=1e-12)
+    assert np.array_equal(svm_fold_accuracies(x, y, folds=5, seed=3), accs)  # seeded splits
+
+
+def test_svm_search_picks_c_by_five_fold_cv_on_the_training_graphs():
+    x, y = _blobs(seed=1)
+    accs = svm_fold_accuracies(x, y, folds=3, seed=0, search=True)
+    chosen = set()
+    for (train, val, test), fold in zip(_splits(len(y), 3, 0), accs):
+        xs = _standardise(x[train], x[val], x[test])
+        # 5-fold CV accuracy of each C on the (already standardised) training graphs; the first best C wins.
+        cv = [np.mean([_accuracy(LinearSVC(C=c, dual=False).fit(xs[0][fit], y[train][fit]), xs[0][score],
+                                 y[train][score])
+                       for fit, score in StratifiedKFold(5).split(xs[0], y[train])]) for c in C_GRID]
+        c = C_GRID[int(np.argmax(cv))]
+        chosen.add(c)
+        svm = LinearSVC(C=c, dual=False).fit(xs[0], y[train])
+        expected = [_accuracy(svm, part, y[idx]) for part, idx in zip(xs, (train, val, test))]
+        assert fold == pytest.approx(expected, abs=1e-12)
+    assert chosen != {1.0}  # the search made a difference somewhere, so the test tells the two settings apart
+
+
+def test_config_flags_and_yaml(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("dataset: PROTEINS\nseeds: 3\nlr: 1\n")
     config = parse_config(["--config", str(path), "--pooling", "uot"])
@@ -119,15 +176,40 @@ def test_config_flags_and_yaml(tmp_path):
     assert parse_config(["--seeds", "0", "2"]).seeds == [0, 2]
     assert parse_config([]).seeds == [0, 1, 2, 3, 4]
     path.write_text("epochs: 2.5\n")
-    with pytest.raises(TypeError, match="epochs"):
+    # experiments.config reports a wrong type in the file as a TypeError or a usage error naming the key.
+    with pytest.raises((TypeError, SystemExit)) as error:
         parse_config(["--config", str(path)])
+    assert "'epochs' expects int" in str(error.value) + capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--pooling", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_defaults_are_the_uot_papers_script():
+    # ROT-Pooling's backbones/adgcl.py: emb_dim 32, 5 layers, batch 32, 20 epochs, Adam 1e-3 (model and view),
+    # reg_lambda 5, dropout 0.5, edge MLP 64, and LinearSVC without a search over C; seeds 0-4.
+    config = parse_config([])
+    assert (config.emb_dim, config.num_layers, config.batch_size, config.epochs, config.lr, config.reg_lambda,
+            config.drop, config.edge_mlp_dim, config.seeds, config.folds, config.svm_search) == (
+        32, 5, 32, 20, 0.001, 5.0, 0.5, 64, [0, 1, 2, 3, 4], 10, False)
+
+
+@pytest.mark.parametrize("name", ["MUTAG", "PTC_MR", "PROTEINS", "ENZYMES", "NCI1", "NCI109", "IMDB-BINARY",
+                                  "IMDB-MULTI"])
+def test_configs_hold_the_defaults(name):
+    config = parse_config(["--config", str(REPO / "configs/adgcl" / f"{name.lower()}.yaml")])
+    assert config.dataset == name
+    assert {k: v for k, v in dataclasses.asdict(config).items() if k not in ("dataset", "root", "out")} == {
+        k: v for k, v in dataclasses.asdict(AdgclConfig()).items() if k not in ("dataset", "root", "out")}
 
 
 @pytest.mark.parametrize("field", dataclasses.fields(AdgclConfig), ids=lambda f: f.name)
 def test_every_field_has_a_flag(field):
     kind = typing.get_type_hints(AdgclConfig)[field.name]
     value, text = {int: (12, ["12"]), float: (0.125, ["0.125"]), str: ("xyz", ["xyz"]),
-                   list[int]: ([1, 2], ["1", "2"])}[kind]
+                   list[int]: ([1, 2], ["1", "2"]), bool: (True, ["true"])}[kind]
+    if field.name == "pooling":
+        value, text = "set2set", ["set2set"]  # a pooling name, not any string
     assert getattr(parse_config([f"--{field.name}", *text]), field.name) == value
 
 

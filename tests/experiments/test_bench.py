@@ -115,3 +115,16 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     for name in ("scaling_N.png", "scaling_D.png", "scaling_K.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     np.testing.assert_allclose(saved.fwdbwd_ms, df.fwdbwd_ms)
+
+
+def test_training_section(tmp_path: Path, one_thread: int) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    plan = bench.TrainingPlan(config=str(repo / "configs/tu/mutag.yaml"), root=str(repo / "data"),
+                              cache=str(tmp_path / "cache"), epochs=2, warmup=0, threads=one_thread)
+    rows = bench.measure_training(plan)
+    assert [row["method"] for row in rows] == ["mean", "uot", "uot_badmm"]
+    assert rows[0]["epoch_ratio"] == 1 and all(row["epoch_s"] > 0 for row in rows)
+    assert [row["solver"] for row in rows] == ["", "sinkhorn", "badmm"]
+    df = pd.DataFrame(rows, columns=bench.COLUMNS)
+    table = bench.headline(df)
+    assert list(table.measured) == [rows[1]["epoch_ratio"], rows[2]["epoch_ratio"]]

@@ -1,8 +1,10 @@
 from pathlib import Path
 
+import pytest
 import torch
+from torch_geometric.datasets import TUDataset
 
-from experiments.data import load_tu
+from experiments.data import DatasetNotFound, load_tu
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,3 +56,35 @@ def test_normalised_degree_from_degree_1000(tmp_path):
 def test_node_labels_are_kept(tmp_path):
     dataset = load_tu("MUTAG", REPO / "data", tmp_path)  # the bundled copy
     assert len(dataset) == 188 and dataset.num_features == 7 and dataset.transform is None
+
+
+def test_missing_root_is_named_and_leaves_no_cache_entry(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetNotFound, match=f"--root {tmp_path / 'nowhere'} does not exist"):
+        load_tu("MUTAG", tmp_path / "nowhere", cache)
+    assert not cache.exists()
+    assert len(load_tu("MUTAG", REPO / "data", cache)) == 188  # the same cache, nothing to clean up
+
+
+def test_failed_download_leaves_nothing_and_says_where(tmp_path, monkeypatch):
+    # A URL that refuses at once, whatever network this machine has.
+    monkeypatch.setattr(TUDataset, "url", "http://127.0.0.1:9")
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    root.mkdir()
+    with pytest.raises(DatasetNotFound) as error:
+        load_tu("TOY", root, cache)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("TOY_A.txt", "TOY_graph_indicator.txt", str(root / "TOY" / "raw"), "http://127.0.0.1:9/TOY.zip",
+                 "point --root at a folder that holds TOY/raw/"):
+        assert part in message, part
+    assert _files(cache) == []  # no half-made entry for a later run to trip over
+    _write_tu(root, "TOY", [[(0, 1)], [(0, 1), (1, 2)]], [0, 1])
+    assert len(load_tu("TOY", root, cache)) == 2
+
+
+def test_an_entry_left_by_a_failed_download_is_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "MUTAG" / "raw").mkdir(parents=True)  # what a failed download of an earlier version left
+    assert len(load_tu("MUTAG", REPO / "data", cache)) == 188
+

@@ -216,7 +216,8 @@ def test_test_score_at_best_validation_epoch(tmp_path, cache, config, metric, pi
     digits = 1 if metric == "rocauc" else 3
     scale = 100 if metric == "rocauc" else 1
     cell = f"{scale * results['test']:.{digits}f} ± {scale * results['test_std']:.{digits}f}"
-    assert f"| ogbg-{config} gin | {metric} | {cell} |" in (tmp_path / "table.md").read_text().splitlines()
+    table_md = (tmp_path / "table" / "table.md").read_text().splitlines()
+    assert f"| ogbg-{config} gin | {metric} | 2 seeds | {cell} |" in table_md
 
 
 @needs_data

@@ -37,7 +37,7 @@ def test_learnable_values_start_at_their_initial_values():
     assert aggr.value('eps').item() == pytest.approx(0.3)
     assert aggr.value('lam_p').item() == INF
     assert aggr.value('lam_q').item() == pytest.approx(2.5)
-    badmm = UOTAggregation(solver='badmm', eps=0.0, rho=2.0)
+    badmm = UOTAggregation(solver='badmm', eps=0.0, lam_p=1.0, rho=2.0)
     assert {n for n, _ in badmm.named_parameters()} == {
         'lam_p_raw', 'lam_q_raw', 'rho_raw'}
     assert list(UOTAggregation(learn=False).parameters()) == []
@@ -56,7 +56,7 @@ def test_per_iteration_and_reset_parameters():
 def test_values_receive_gradients():
     x, index = ragged_batch([4, 6], 3, dtype=torch.float32)
     aggr = UOTAggregation(solver='badmm', num_iters=3, per_iteration=True,
-                          prior='attention', channels=3)
+                          lam_p=1.0, prior='attention', channels=3)
     aggr(x, index).pow(2).sum().backward()
     for name, param in aggr.named_parameters():
         if name == 'gate.bias':  # a softmax over the set does not see a shared shift
@@ -67,7 +67,7 @@ def test_values_receive_gradients():
 
 def test_repr():
     assert repr(UOTAggregation(prior='attention', channels=8)) == (
-        'UOTAggregation(solver=sinkhorn, num_iters=4, eps=1, lam_p=1, '
+        'UOTAggregation(solver=sinkhorn, num_iters=4, eps=1, lam_p=inf, '
         'lam_q=1, learn=True, per_iteration=False, prior=attention, '
         'channels=8)')
     assert 'rho=0.5' in repr(UOTAggregation(solver='badmm', rho=0.5))

@@ -24,7 +24,7 @@ def test_cuda_matches_cpu(solver, memory_efficient):
     x, index = ragged_batch([6, 0, 13, 1, 40], 8, shuffle=True)
     torch.manual_seed(0)
     aggr = UOTAggregation(solver=solver, num_iters=6, per_iteration=True,
-                          prior='attention', channels=8,
+                          lam_p=1.0, prior='attention', channels=8,
                           memory_efficient=memory_efficient).double()
     cpu = _run(aggr, x, index, 'cpu')
     aggr.zero_grad()

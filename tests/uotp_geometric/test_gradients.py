@@ -72,7 +72,7 @@ def test_module_parameters_get_the_same_gradients(solver):
     for memory_efficient in (True, False):
         torch.manual_seed(0)
         aggr = UOTAggregation(solver=solver, num_iters=3, per_iteration=True,
-                              prior='attention', channels=4,
+                              lam_p=1.0, prior='attention', channels=4,
                               memory_efficient=memory_efficient).double()
         aggr(x, index).pow(2).sum().backward()
         grads.append({n: p.grad for n, p in aggr.named_parameters()})

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from uotp_geometric.segment import (Segments, available_backends,
-                                    segment_count, segment_logsumexp,
+                                    segment_count, segment_exp,
+                                    segment_logsumexp,
                                     segment_sum, sorted_segments, use_backend)
 from tests.uotp_geometric.helpers import ragged_batch
 
@@ -83,3 +84,20 @@ def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match='Unknown scatter backend'):
         with use_backend('numpy'):
             pass
+
+
+@pytest.mark.parametrize('csr', [False, True])
+def test_segment_exp_gives_softmax_and_logsumexp(backend, csr):
+    sizes = [4, 0, 1, 9]
+    x, index = ragged_batch(sizes, 3, shuffle=True, scale=20.0)
+    x, segments = list(layouts(x, index, len(sizes)))[csr]
+    e, total, shift = segment_exp(x, segments)
+    softmax = e / segments.gather(total)
+    for b, size in enumerate(sizes):
+        rows = segments.index == b
+        if size == 0:
+            assert total[b].eq(torch.finfo(x.dtype).tiny).all() and shift[b].eq(0).all()
+            continue
+        torch.testing.assert_close(softmax[rows], torch.softmax(x[rows], dim=0), rtol=0, atol=1e-14)
+        torch.testing.assert_close(total[b].log() + shift[b], torch.logsumexp(x[rows], dim=0), rtol=0,
+                                   atol=1e-12)

@@ -4,7 +4,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from uotp_geometric.segment import Segments, segment_logsumexp, segment_sum
+from uotp_geometric.segment import (Segments, segment_count, segment_logsumexp,
+                                    segment_max, segment_sum)
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
 
 
@@ -59,6 +60,12 @@ def _sinkhorn_loop(x: Tensor, segments: Segments, scale: Tensor,
         u, v, _, _ = sinkhorn_step(x, segments, v, scale[k], c_p[k],
                                    c_q[k], log_p, log_q)
     return u, v
+
+
+# The least value a weighted sum of the scaling domain may take for its logarithm to be exact: terms
+# below the smallest normal float may flush to 0, and against a sum of at least sqrt(tiny) they weigh
+# at most N sqrt(tiny) relative (1e-19 N in float32).
+SAFE_SUM = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32, torch.float64)}
 
 
 class _SinkhornPotentials(torch.autograd.Function):
@@ -122,6 +129,120 @@ class _SinkhornPotentials(torch.autograd.Function):
                 grad_log_q)
 
 
+class _SinkhornScaling(torch.autograd.Function):
+    r"""The K Sinkhorn iterations of :class:`_SinkhornPotentials` for one :math:`s = 1 / \varepsilon`
+    shared by all of them, in the scaling domain: one exponential of the ``(N, D)`` data per forward,
+    then multiply-and-sum iterations.
+
+    The kernel is shifted on both axes, :math:`E_{nd} = \exp(s x_{nd} - A_{bd} - a_n) \in (0, 1]` with
+    :math:`A_{bd} = s \max_{n \in b} x_{nd}` and :math:`a_n = \max_d (s x_{nd} - A_{bd})`, so that every
+    row and every column of each set holds an entry equal to 1. Each log-sum-exp of spec §2 then is a
+    weighted sum of kernel entries with weights in ``(0, 1]`` (the potentials, shifted by their per-set
+    maximum):
+
+    .. math::
+        \operatorname{LSE}_{n \in b}(s x_{nd} + v_n) = A_{bd} + W_b + \log \textstyle\sum_{n \in b}
+            E_{nd}\, e^{a_n + v_n - W_b}, \qquad
+        \operatorname{LSE}_d(s x_{nd} + u_{bd}) = a_n + Y_b + \log \textstyle\sum_d E_{nd}\,
+            e^{A_{bd} + u_{bd} - Y_b}
+
+    with :math:`W_b = \max_{n \in b}(a_n + v_n)` and :math:`Y_b = \max_d(A_{bd} + u_{bd})`. The sums are
+    exact unless an entry the result depends on underflows, which needs a dynamic range of
+    :math:`s x` beyond the float's (about 87 in float32) within a set: the forward returns a flag that
+    is false when any sum fell below :data:`SAFE_SUM`, and :func:`sinkhorn_log_plan` then solves in the
+    log domain instead. The backward keeps the kernel (``N D`` values, like ``x`` itself) and per
+    iteration the two sums and their shifts, ``O(K (B D + N))``, from which it rebuilds the potentials and
+    weights. Differentiable once (no double backward).
+    """
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor,
+                log_p: Tensor, log_q: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        shift_x = scale * segment_max(x, segments)  # A, (B, D); scale >= 0
+        kernel = torch.addcmul(segments.gather(shift_x).neg_(), x, scale)
+        shift_n = kernel.amax(dim=-1)  # a, (N,)
+        kernel.sub_(shift_n.unsqueeze(-1)).exp_()
+        nonempty = segment_count(segments, x.dtype) > 0
+        safe = torch.ones((), dtype=x.dtype)  # the least sum seen: exact while >= SAFE_SUM
+        v = torch.zeros_like(log_q)
+        sums = []  # per iteration (C, R) and the two shifts W, Y: all else is rebuilt from them
+        for k in range(c_p.numel()):
+            # u: weights on the nodes, summed over each set's nodes per dim.
+            col_shift = segment_max(shift_n + v, segments)
+            col_weight = _col_weight(shift_n, v, col_shift, segments)
+            col_sum = segment_sum(kernel * col_weight.unsqueeze(-1), segments)
+            safe = torch.minimum(safe, torch.where(nonempty.unsqueeze(-1), col_sum, 1.0).amin())
+            u = c_p[k] * (log_p - _lse_u(shift_x, col_shift, col_sum))
+            # v: weights on the dims, summed over each node's dims.
+            row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
+            row_sum = (kernel * segments.gather(_row_weight(shift_x, u, row_shift))).sum(dim=-1)
+            safe = torch.minimum(safe, row_sum.amin())
+            v = c_q[k] * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
+            sums += [col_sum, row_sum, col_shift, row_shift]
+        ctx.segments = segments
+        ctx.save_for_backward(x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, *sums)
+        ok = safe >= SAFE_SUM[x.dtype]
+        ctx.mark_non_differentiable(ok)
+        return u, v, ok
+
+    @staticmethod
+    def backward(ctx: Any, grad_u: Optional[Tensor], grad_v: Optional[Tensor],
+                 _: Any) -> Tuple[Optional[Tensor], ...]:
+        x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, *sums = ctx.saved_tensors
+        segments = ctx.segments
+        grad_c_p, grad_c_q = torch.zeros_like(c_p), torch.zeros_like(c_q)
+        grad_log_p, grad_log_q = torch.zeros_like(log_p), torch.zeros_like(log_q)
+        gu = grad_u if grad_u is not None else torch.zeros_like(log_p)
+        gv = grad_v if grad_v is not None else torch.zeros_like(log_q)
+        # The gradient w.r.t. the logits s x of all iterations: every softmax of spec §2 is the kernel
+        # times a per-node and a per-(set, dim) factor (class docstring).
+        grad_logits = torch.zeros_like(x)
+        for k in reversed(range(c_p.numel())):
+            col_sum, row_sum, col_shift, row_shift = sums[4 * k:4 * k + 4]
+            # The same operations as the forward, on (B, D) and (N,) values only.
+            v = torch.zeros_like(log_q)
+            if k > 0:  # the v entering iteration k, from the sums of iteration k - 1
+                _, prev_row_sum, _, prev_row_shift = sums[4 * k - 4:4 * k]
+                v = c_q[k - 1] * (log_q - _lse_v(shift_n, prev_row_shift, prev_row_sum, segments))
+            col_weight = _col_weight(shift_n, v, col_shift, segments)
+            lse_u = _lse_u(shift_x, col_shift, col_sum)
+            u = c_p[k] * (log_p - lse_u)
+            row_weight = _row_weight(shift_x, u, row_shift)
+            lse_v = _lse_v(shift_n, row_shift, row_sum, segments)
+
+            # v = c_q (log q - LSE_d B): dv/dB = -c_q E_nd y_bd / R_n.
+            grad_c_q[k] = torch.dot(gv, log_q - lse_v)
+            grad_log_q.add_(c_q[k] * gv)
+            node = kernel * (gv / row_sum).unsqueeze(-1)
+            gu = gu - c_q[k] * row_weight * segment_sum(node, segments)
+            grad_logits.addcmul_(node, segments.gather(-c_q[k] * row_weight))
+            # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
+            grad_c_p[k] = (gu * (log_p - lse_u)).sum()
+            grad_log_p.add_(c_p[k] * gu)
+            dim = kernel * segments.gather(gu / col_sum.clamp_min(torch.finfo(x.dtype).tiny))
+            gv = -c_p[k] * col_weight * dim.sum(dim=-1)  # gradient of the previous v
+            grad_logits.addcmul_(dim, (-c_p[k] * col_weight).unsqueeze(-1))
+            gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
+        grad_scale = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
+        return (grad_logits.mul_(scale), None, grad_scale, grad_c_p, grad_c_q, grad_log_p,
+                grad_log_q)
+
+
+def _col_weight(shift_n: Tensor, v: Tensor, col_shift: Tensor, segments: Segments) -> Tensor:
+    return (shift_n + v - segments.gather(col_shift)).exp()  # w_n = exp(a_n + v_n - W_b)
+
+
+def _row_weight(shift_x: Tensor, u: Tensor, row_shift: Tensor) -> Tensor:
+    return (shift_x + u - row_shift).exp()  # y_bd = exp(A_bd + u_bd - Y_b)
+
+
+def _lse_u(shift_x: Tensor, col_shift: Tensor, col_sum: Tensor) -> Tensor:
+    return shift_x + col_shift.unsqueeze(-1) + col_sum.clamp_min(torch.finfo(col_sum.dtype).tiny).log()
+
+
+def _lse_v(shift_n: Tensor, row_shift: Tensor, row_sum: Tensor, segments: Segments) -> Tensor:
+    return shift_n + segments.gather(row_shift.squeeze(-1)) + row_sum.log()
+
+
 def sinkhorn_log_plan(
     x: Tensor,
     segments: Segments,
@@ -152,11 +273,25 @@ def sinkhorn_log_plan(
     """
     scale = eps.reciprocal()
     c_p, c_q = hardness(lam_p, eps), hardness(lam_q, eps)
-    if memory_efficient and torch.is_grad_enabled():
+    u = v = None
+    if memory_efficient and _scaling_applies(x, eps):
+        u, v, ok = _SinkhornScaling.apply(x, segments, eps[0].reciprocal(), c_p, c_q, log_p, log_q)
+        if not bool(ok):  # a sum underflowed: its set spans more than the float's range
+            u = v = None
+    if u is None and memory_efficient and torch.is_grad_enabled():
         u, v = _SinkhornPotentials.apply(x, segments, scale, c_p, c_q, log_p,
                                          log_q)
-    else:
+    elif u is None:
         u, v = _sinkhorn_loop(x, segments, scale, c_p, c_q, log_p, log_q)
     log_plan = torch.addcmul(segments.gather(u) + v.unsqueeze(-1), x,
                              scale[-1])
     return log_plan.clamp(max=MAX_LOG_MASS)
+
+
+def _scaling_applies(x: Tensor, eps: Tensor) -> bool:
+    r"""Whether :class:`_SinkhornScaling` runs: one ``eps`` for all iterations (a scalar expanded to
+    ``K``), on the CPU, in eager mode. Its check of the sums costs a host sync, which an accelerator
+    pays dearly and :func:`torch.compile` cannot trace; there the log domain runs, fused by the compiler."""
+    one_eps = eps.numel() == 1 or eps.stride(0) == 0
+    return (one_eps and x.device.type == 'cpu' and x.size(0) > 0
+            and x.dtype in SAFE_SUM and not torch.compiler.is_compiling())

@@ -51,3 +51,21 @@ def test_zero_eps_reaches_max_pooling():
                    lam_q=0.0, rho=1.0, num_iters=100)
     expected = scatter(x, index, 0, 4, 'max')
     assert (out - expected).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize('num_iters', [4, 9, 10])
+def test_segmented_checkpoints_give_autograd_gradients(num_iters):
+    # K = 9 and 10 run as outer checkpoints of 3 and 4 iterations (the last one shorter), K = 4 as one
+    # checkpoint per iteration: all must backpropagate what plain autograd through the iterations does.
+    x, index = ragged_batch([3, 0, 6, 1], 4, shuffle=True, seed=11)
+    grads = []
+    for memory_efficient in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in
+                  (x, torch.tensor(0.6, dtype=x.dtype), torch.tensor(1.3, dtype=x.dtype))]
+        out = uot_pool(leaves[0], index, 4, solver='badmm', eps=leaves[1], rho=leaves[2], lam_p=2.0,
+                       lam_q=0.5, num_iters=num_iters, memory_efficient=memory_efficient)
+        out.pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for lean, plain in zip(*grads):
+        assert plain.abs().max() > 0
+        torch.testing.assert_close(lean, plain, rtol=0, atol=1e-10)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from uotp_geometric.functional import uot_plan
+from uotp_geometric.functional import uot_plan, uot_pool
 from uotp_geometric.solvers.common import hardness
 from tests.uotp_geometric.helpers import pot_plan, ragged_batch
 
@@ -78,3 +78,55 @@ def test_hardness_limits_and_gradients():
     out.sum().backward()
     assert torch.isfinite(scale.grad).all()
     assert scale.grad[2].item() == pytest.approx(-2.0 / 16.0)
+
+
+def _pool_and_grads(x, index, num_sets, memory_efficient, **kwargs):
+    leaves = {name: torch.as_tensor(value, dtype=x.dtype).clone().requires_grad_(True)
+              for name, value in kwargs.items()}
+    x = x.detach().clone().requires_grad_(True)
+    out = uot_pool(x, index, num_sets, num_iters=4, memory_efficient=memory_efficient, **leaves)
+    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weight).sum().backward()
+    return out, [x.grad, *(leaf.grad for leaf in leaves.values())]
+
+
+@pytest.mark.parametrize('scale', [1.0, 60.0])
+@pytest.mark.parametrize('lam_p,lam_q', [(2.0, 0.7), (float('inf'), 0.0), (0.5, float('inf'))])
+def test_one_eps_scaling_domain_equals_plain_autograd(scale, lam_p, lam_q):
+    # One eps for all iterations runs in the scaling domain (one kernel exponential); memory_efficient=False
+    # is the log-domain iteration under plain autograd. scale = 60 with eps = 0.5 spans e^240 within a set:
+    # past float32's range, within float64's.
+    x, index = ragged_batch([4, 0, 9, 1, 6], 5, shuffle=True, seed=12, scale=scale)
+    kwargs = dict(eps=0.5, lam_p=lam_p, lam_q=lam_q)
+    out_scaling, grads_scaling = _pool_and_grads(x, index, 5, True, **kwargs)
+    out_plain, grads_plain = _pool_and_grads(x, index, 5, False, **kwargs)
+    torch.testing.assert_close(out_scaling, out_plain, rtol=1e-12, atol=1e-12)
+    for name, lean, plain in zip(['x', *kwargs], grads_scaling, grads_plain):
+        if plain is None or not plain.abs().max() > 0:  # a hard or free marginal's lam has no gradient
+            assert lean is None or lean.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(lean, plain, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_scaling_domain_falls_back_beyond_the_float_range():
+    # In float32, sets spanning e^600 underflow the kernel's sums: the log domain must take over and give
+    # what the float64 computation gives.
+    x, index = ragged_batch([5, 3, 8], 6, seed=13, scale=300.0)
+    kwargs = dict(eps=1.0, lam_p=1.0, lam_q=1.0)
+    out, grads = _pool_and_grads(x.float(), index, 3, True, **kwargs)
+    expected, expected_grads = _pool_and_grads(x, index, 3, False, **kwargs)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grads[0].double(), expected_grads[0], rtol=1e-4, atol=1e-3)
+
+
+def test_one_eps_gradcheck():
+    x, index = ragged_batch([3, 0, 4], 3, seed=5)
+    x.requires_grad_(True)
+    eps, lam_p, lam_q = (torch.tensor(v, dtype=x.dtype, requires_grad=True) for v in (0.8, 1.5, 0.5))
+    q = (torch.rand(x.size(0), dtype=x.dtype) + 0.2).requires_grad_(True)
+
+    def pool(x, eps, lam_p, lam_q, q):
+        return uot_pool(x, index, 3, eps=eps, lam_p=lam_p, lam_q=lam_q, q=q, num_iters=3)
+
+    assert torch.autograd.gradcheck(pool, (x, eps, lam_p, lam_q, q))

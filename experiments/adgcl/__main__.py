@@ -1,0 +1,3 @@
+from experiments.adgcl.protocol import main
+
+main()

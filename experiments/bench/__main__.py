@@ -1,0 +1,50 @@
+"""``python -m experiments.bench``: see :mod:`experiments.bench`."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from experiments.bench import __doc__ as DOC
+from experiments.bench.cases import make_plan
+from experiments.bench.report import machine_info, write_outputs
+from experiments.bench.suite import run
+from experiments.bench.training import TrainingPlan
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=DOC.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, K=4 only, capped scaling")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"),
+                        help="output folder (default runs/bench; the committed results: --out docs/bench)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per method (default: 5 quick, 15 full)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    parser.add_argument("--training", action="store_true",
+                        help="also time training epochs of GIN on PROTEINS per pooling (one thread)")
+    parser.add_argument("--training-epochs", type=int, default=TrainingPlan.epochs, help="timed epochs per pooling")
+    parser.add_argument("--root", default=TrainingPlan.root, help="TUDataset root for --training (read only)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    plan = make_plan(args.quick)
+    if args.repeats:
+        plan.repeats = args.repeats
+    if args.training:
+        plan.training = TrainingPlan(root=args.root, epochs=args.training_epochs)
+    command = shlex.join(["python", "-m", "experiments.bench", *(sys.argv[1:] if argv is None else argv)])
+    load_before = os.getloadavg()[0]
+    df = run(plan, device, args.threads)
+    write_outputs(df, args.out, machine_info(device, command, load_before), plan)
+    print(f"wrote {args.out}/results.csv, README.md and the scaling plots")
+
+
+if __name__ == "__main__":
+    main()
