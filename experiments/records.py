@@ -9,13 +9,16 @@ import fcntl
 import io
 import json
 import os
+import pickle
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from uotp_geometric import UOTAggregation
 
@@ -85,6 +88,36 @@ def run_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# What torch.load and load_state_dict raise for a file cut short, overwritten or from another program.
+CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError)
+
+
+def damaged(path: Path, error: Exception, remedy: str) -> SystemExit:
+    """The one-line exit for a checkpoint that cannot be read: the file, the kind of error and what to do.
+    The error's own text is left out: torch's is pickling advice, misleading for a file that is cut short."""
+    return SystemExit(f"{path} is damaged ({type(error).__name__}); {remedy}")
+
+
+class EpochProgress:
+    """Progress over the epochs of one fold or seed: a tqdm bar on a terminal; otherwise (a log file) one plain
+    line per epoch, since a bar redrawn with carriage returns reads badly in a file."""
+
+    def __init__(self, name: str, done: int, total: int, enabled: bool = True) -> None:
+        self.name, self.total, self.enabled = name, total, enabled
+        self.bar = tqdm(total=total, initial=done, desc=name, disable=not (enabled and sys.stdout.isatty()))
+
+    def update(self, epoch: int, scores: dict[str, float], seconds: float) -> None:
+        if not self.bar.disable:
+            self.bar.set_postfix({key: f"{value:.4f}" for key, value in scores.items()}, refresh=False)
+            self.bar.update()
+        elif self.enabled:
+            values = " ".join(f"{key} {value:.4f}" for key, value in scores.items())
+            print(f"{self.name} epoch {epoch}/{self.total}: {values}, {seconds:.2f} s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def uot_values(model: torch.nn.Module) -> dict[str, float]:

@@ -29,8 +29,6 @@ import abc
 import contextlib
 import dataclasses
 import os
-import pickle
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -45,15 +43,14 @@ from torch.optim.lr_scheduler import StepLR
 from torch_geometric import seed_everything
 from torch_geometric.data import Batch, InMemoryDataset
 from torch_geometric.loader import DataLoader
-from tqdm import tqdm
 
 from experiments.config import RUNTIME_FIELDS, Config, UsageError, parse_run
 from experiments.data import load_ogb, load_tu, ogb_names
 from experiments.models import BACKBONES, GIN, OGBGNN
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
-from experiments.records import (atomic_path, csv_text, epoch_seconds, git_commit, run_lock, uot_values, write_csv,
-                                 write_json)
+from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, csv_text, damaged, epoch_seconds,
+                                 git_commit, run_lock, uot_values, write_csv, write_json)
 
 
 class Task(abc.ABC):
@@ -239,12 +236,6 @@ def _check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
         raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
 
 
-def _damaged(path: Path, task: Task, index: int, error: Exception) -> SystemExit:
-    # The error's own text is torch's (pickling advice for a file that is simply cut short): left out.
-    return SystemExit(f"{path} is damaged ({type(error).__name__}); train {task.unit} {index} again with "
-                      f"--restart {index}, or move the file aside")
-
-
 def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor], index: int,
                 key: tuple[int, ...], device: torch.device, rank: int, world_size: int,
                 restart: bool = False) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
@@ -267,19 +258,20 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
 
     epoch, best, history = 0, None, []
     if ckpt_path.exists() and not restart:
+        remedy = f"train {task.unit} {index} again with --restart {index}, or move the file aside"
         try:
             ckpt = torch.load(ckpt_path, map_location=device)
             saved = ckpt["config"]
-        except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
-            raise _damaged(ckpt_path, task, index, error) from None
+        except CHECKPOINT_ERRORS as error:
+            raise damaged(ckpt_path, error, remedy) from None
         _check_resumable(saved, config, ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        except (RuntimeError, KeyError, ValueError, TypeError) as error:
-            raise _damaged(ckpt_path, task, index, error) from None
+        except CHECKPOINT_ERRORS as error:
+            raise damaged(ckpt_path, error, remedy) from None
     if epoch == config.epochs:
         # The checkpoint holds the whole log: a CSV cut short or edited since is written again from it.
         if rank == 0 and (not csv_path.exists() or csv_path.read_bytes().decode(errors="replace")
@@ -296,11 +288,9 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
     test_loader = DataLoader(dataset[test_idx], config.batch_size, num_workers=config.num_workers)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
 
-    name = f"{config.dataset} {config.pooling} {task.unit} {index}"
-    bar = rank == 0 and sys.stdout.isatty()  # a bar redrawn with carriage returns only reads well on a terminal
-    progress = tqdm(range(epoch + 1, config.epochs + 1), initial=epoch, total=config.epochs, desc=name,
-                    disable=not bar)
-    for epoch in progress:
+    progress = EpochProgress(f"{config.dataset} {config.pooling} {task.unit} {index}", epoch, config.epochs,
+                             enabled=rank == 0)
+    for epoch in range(epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         # The epoch's randomness (batch order, dropout) is a function of (key, epoch, rank) alone, so a resumed
         # run needs no saved RNG state to draw what an uninterrupted run draws.
@@ -318,17 +308,14 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
                             **uot_values(model)))
         if best is None or better(scores[task.selection], best[task.selection], task.maximize):
             best = {task.unit: index, **{key: scores[key] for key in task.kept}, "best_epoch": epoch}
-        if bar:
-            progress.set_postfix({key: f"{score:.4f}" for key, score in scores.items()})
-        else:
-            values = " ".join(f"{key} {value:.4f}" for key, value in dict(train_loss=train_loss, **scores).items())
-            print(f"{name} epoch {epoch}/{config.epochs}: {values}, {seconds:.2f} s", flush=True)
+        progress.update(epoch, dict(train_loss=train_loss, **scores), seconds)
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
         write_csv(csv_path, csv_fields, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best=best,
                             history=history), tmp)
+    progress.close()
     return best, history
 
 

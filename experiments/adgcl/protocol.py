@@ -32,15 +32,14 @@ from torch.optim import Adam, Optimizer
 from torch_geometric import seed_everything
 from torch_geometric.data import InMemoryDataset
 from torch_geometric.loader import DataLoader
-from tqdm import tqdm
 
 from experiments.adgcl.model import ContrastiveEncoder, ViewLearner, drop_regulariser, nt_xent, relaxed_bernoulli
-from experiments.config import parse_dataclass
+from experiments.config import UsageError, dataclass_parser, parse_dataclass, read_dataclass
 from experiments.data import load_tu
 from experiments.models import POOLINGS
 from experiments.protocol import derive_seed, summarize
-from experiments.records import (atomic_path, epoch_seconds, git_commit, run_lock, uot_values, write_csv,
-                                 write_json)
+from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, damaged, epoch_seconds, git_commit,
+                                 run_lock, uot_values, write_csv, write_json)
 
 CSV_FIELDS = ("epoch", "model_loss", "view_loss", "reg", "train_acc", "val_acc", "test_acc", "train_seconds",
               "seconds")
@@ -84,11 +83,14 @@ class AdgclConfig:
 RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "seeds"})
 
 
+DESCRIPTION = "AD-GCL encoder trained without labels, linear SVM on its embeddings (the UOT paper's protocol)."
+CHOICES = dict(pooling=POOLINGS)
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> AdgclConfig:
     """Reads ``--config FILE`` (optional) and applies every ``--<field> <value>`` flag on top
     (``--seeds 0 1 2`` takes several values)."""
-    return parse_dataclass(AdgclConfig, "AD-GCL encoder trained without labels, linear SVM on its embeddings "
-                                        "(the UOT paper's protocol).", argv, dict(pooling=POOLINGS))
+    return parse_dataclass(AdgclConfig, DESCRIPTION, argv, CHOICES)
 
 
 def train_epoch(model: ContrastiveEncoder, view_learner: ViewLearner, loader: DataLoader,
@@ -199,22 +201,27 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
 
     epoch, best, history = 0, None, []
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device)
+            saved = ckpt["config"]
+        except CHECKPOINT_ERRORS as error:
+            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
         current = dataclasses.asdict(config)
-        changed = sorted(key for key in current
-                         if key not in RUNTIME_FIELDS and ckpt["config"].get(key) != current[key])
+        changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved.get(key) != current[key])
         if changed:
             raise SystemExit(f"{ckpt_path} belongs to a run with other {', '.join(changed)}; choose another --out")
-        model.load_state_dict(ckpt["model"])
-        view_learner.load_state_dict(ckpt["view_learner"])
-        model_optimizer.load_state_dict(ckpt["model_optimizer"])
-        view_optimizer.load_state_dict(ckpt["view_optimizer"])
-        epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        try:
+            model.load_state_dict(ckpt["model"])
+            view_learner.load_state_dict(ckpt["view_learner"])
+            model_optimizer.load_state_dict(ckpt["model_optimizer"])
+            view_optimizer.load_state_dict(ckpt["view_optimizer"])
+            epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        except CHECKPOINT_ERRORS as error:
+            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
 
     y = dataset.y.numpy()
-    progress = tqdm(range(epoch + 1, config.epochs + 1), initial=epoch, total=config.epochs,
-                    desc=f"AD-GCL {config.dataset} {config.pooling} seed {seed}")
-    for epoch in progress:
+    progress = EpochProgress(f"AD-GCL {config.dataset} {config.pooling} seed {seed}", epoch, config.epochs)
+    for epoch in range(epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         # The epoch's randomness (batch order, dropout, edge samples) is a function of (seed, epoch) alone, so a
         # resumed run needs no saved RNG state to draw what an uninterrupted run draws.
@@ -234,21 +241,30 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
         if best is None or val_acc > best["val_acc"]:  # the first maximum, like AD-GCL's argmax
             best = dict(seed=seed, test_acc=test_acc, val_acc=val_acc, best_epoch=epoch,
                         fold_test_acc=folds[:, 2].tolist())
-        progress.set_postfix(loss=f"{losses['model_loss']:.4f}", val_acc=f"{val_acc:.3f}",
-                             test_acc=f"{test_acc:.3f}")
+        progress.update(epoch, dict(loss=losses["model_loss"], val_acc=val_acc, test_acc=test_acc),
+                        history[-1]["seconds"])
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
         write_csv(ckpt_path.with_suffix(".csv"), CSV_FIELDS, history)
         with atomic_path(ckpt_path) as tmp:
             torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
                             view_learner=view_learner.state_dict(), model_optimizer=model_optimizer.state_dict(),
                             view_optimizer=view_optimizer.state_dict(), best=best, history=history), tmp)
+    progress.close()
     return best, history
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    config = parse_config(argv)
+    parser = dataclass_parser(AdgclConfig, DESCRIPTION, CHOICES)
+    args = parser.parse_args(argv)
+    try:
+        config = read_dataclass(AdgclConfig, parser, args, CHOICES)
+    except TypeError as error:  # a value of the wrong type in the YAML file
+        parser.error(f"in {args.config}: {error}")
     device = torch.device(config.device)
-    dataset = load_tu(config.dataset, config.root, config.cache)
+    try:
+        dataset = load_tu(config.dataset, config.root, config.cache)
+    except UsageError as error:  # a missing root, an unknown dataset
+        parser.error(str(error))
     # AD-GCL ignores node labels and load_tu's degree features alike: every node's feature is 1.
     dataset.transform = T.Constant(cat=False)
 

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -250,3 +251,36 @@ def test_finished_seeds_are_not_recomputed(reference, cache):
 def test_resume_refuses_another_config(reference, cache):
     with pytest.raises(SystemExit, match="reg_lambda"):
         main(_args(reference, cache, *SMALL, "--reg_lambda", "1"))
+
+
+def test_log_file_has_one_plain_line_per_epoch(cache, tmp_path):
+    # stdout is a pipe here, as a log file is: no progress bar redrawn with carriage returns.
+    done = subprocess.run([sys.executable, "-m", "experiments.adgcl", *_args(tmp_path, cache, *SMALL)], cwd=REPO,
+                          env=ENV, check=True, capture_output=True, text=True)
+    assert "\r" not in done.stdout + done.stderr
+    epochs = [line for line in done.stdout.splitlines() if re.search(r" epoch \d+/\d+: ", line)]
+    config = parse_config(_args(tmp_path, cache, *SMALL))
+    assert len(epochs) == len(config.seeds) * config.epochs
+    assert epochs[0].startswith("AD-GCL MUTAG ") and f"epoch 1/{config.epochs}: loss " in epochs[0]
+
+
+def test_damaged_checkpoint_is_named_in_one_line(reference, cache, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "seed0.pt").write_bytes((reference / "seed0.pt").read_bytes()[:100])  # cut short
+    done = subprocess.run([sys.executable, "-m", "experiments.adgcl", *_args(out, cache, *SMALL)], cwd=REPO,
+                          env=ENV, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"{out / 'seed0.pt'} is damaged (RuntimeError); move it aside to "
+                                                "train seed 0 again"]
+
+
+def test_missing_root_is_one_line_and_exit_2(tmp_path):
+    # A fresh cache: with the dataset already cached, the root is not read at all.
+    config = str(REPO / "configs/adgcl/mutag.yaml")
+    done = subprocess.run([sys.executable, "-m", "experiments.adgcl", "--config", config, "--root",
+                           str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
