@@ -278,9 +278,10 @@ def test_damaged_checkpoint_is_named_in_one_line(reference, cache, tmp_path):
 def test_missing_root_is_one_line_and_exit_2(tmp_path):
     # A fresh cache: with the dataset already cached, the root is not read at all.
     config = str(REPO / "configs/adgcl/mutag.yaml")
-    done = subprocess.run([sys.executable, "-m", "experiments.adgcl", "--config", config, "--root",
-                           str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
-                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    args = ["--config", config, "--root", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "experiments.adgcl", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr.splitlines()[-1]
     assert not (tmp_path / "out").exists()
