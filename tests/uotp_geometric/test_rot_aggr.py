@@ -85,6 +85,15 @@ def test_module_parameters_get_the_same_gradients(solver):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_nan_reaches_only_its_own_row(solver):
+    # The similarities and their products are per set: a NaN spoils its own graph only.
+    x, index = ragged_batch([3, 5, 2, 4], 6, dtype=torch.float32)
+    x[4, 2] = math.nan  # a node of set 1
+    out = UOTAggregation(solver=solver, gw=0.5)(x, index)
+    assert torch.isnan(out[1]).any() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
 @pytest.mark.parametrize('gw', [-1.0, INF, math.nan])
 def test_bad_gw_is_refused(gw):
     with pytest.raises(ValueError, match="'gw' must be"):
