@@ -53,6 +53,7 @@ class Config:
     uot_eps: float = 1.0
     uot_lam_p: float = float("inf")
     uot_lam_q: float = 1.0
+    uot_gw: float = 0.1  # rot, rot_badmm: the initial weight of ROT-Pooling's structure term
     seed: int = 0  # TU: the run's seed; OGB: the first of num_seeds consecutive seeds
     num_seeds: int = 1  # OGB only: one run per seed, seed, seed + 1, ...
     device: str = "cpu"

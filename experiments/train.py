@@ -123,7 +123,7 @@ class TUTask(Task):
         config = self.config
         return GIN(self.dataset.num_features, self.dataset.num_classes, config.pooling, config.hidden,
                    config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                   eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q)
+                   eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.batch, data.num_graphs)
@@ -182,7 +182,7 @@ class OGBTask(Task):
         config = self.config
         return OGBGNN(self.dataset.num_tasks, config.pooling, config.backbone == "gin-virtual", config.hidden,
                       config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                      eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q)
+                      eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.edge_attr, data.batch, data.num_graphs)

@@ -72,6 +72,7 @@ class AdgclConfig:
     uot_eps: float = 1.0  # initial UOT values, as in experiments.config.Config
     uot_lam_p: float = float("inf")
     uot_lam_q: float = 1.0
+    uot_gw: float = 0.1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -194,7 +195,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
     seed_everything(derive_seed(seed))  # the initial parameters
     model = ContrastiveEncoder(config.pooling, config.emb_dim, config.num_layers, config.drop,
                                num_iters=config.num_iters, eps=config.uot_eps, lam_p=config.uot_lam_p,
-                               lam_q=config.uot_lam_q).to(device)
+                               lam_q=config.uot_lam_q, gw=config.uot_gw).to(device)
     view_learner = ViewLearner(config.emb_dim, config.num_layers, config.drop, config.edge_mlp_dim).to(device)
     model_optimizer = Adam(model.parameters(), lr=config.lr)
     view_optimizer = Adam(view_learner.parameters(), lr=config.lr)
@@ -207,7 +208,8 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
         except CHECKPOINT_ERRORS as error:
             raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
         current = dataclasses.asdict(config)
-        changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved.get(key) != current[key])
+        saved = {**dataclasses.asdict(AdgclConfig()), **saved}  # a field added since was then its default
+        changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved[key] != current[key])
         if changed:
             raise SystemExit(f"{ckpt_path} belongs to a run with other {', '.join(changed)}; choose another --out")
         try:

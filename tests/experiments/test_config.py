@@ -114,6 +114,7 @@ def test_layer_readout_and_harness_start_from_the_same_values():
     readout = inspect.signature(make_readout).parameters
     for name in ("eps", "lam_p", "lam_q"):
         assert layer[name].default == readout[name].default == getattr(Config, f"uot_{name}"), name
+    assert readout["gw"].default == Config.uot_gw  # the starting weight of rot and rot_badmm
     assert layer["lam_p"].default == math.inf
     # The README's first snippet builds the layer with its defaults for these values.
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

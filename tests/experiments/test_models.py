@@ -60,3 +60,11 @@ def test_mixed_aggregation_interpolates_mean_and_max():
     with torch.no_grad():
         aggr.logit.fill_(20.0)
     assert torch.allclose(aggr(x, index), torch.tensor([[2.0], [8.0]]), atol=1e-6)  # the mean
+
+
+@pytest.mark.parametrize("name", ["rot", "rot_badmm"])
+def test_structure_weight_reaches_rot_readouts_only(name):
+    readout, _ = make_readout(name, 8, gw=0.3)
+    assert readout.value("gw").item() == pytest.approx(0.3, rel=1e-6)
+    uot, _ = make_readout(name.replace("rot", "uot"), 8, gw=0.3)
+    assert "gw" not in uot.init_values  # UOT-Pooling is gw = 0, fixed
