@@ -161,8 +161,6 @@ class _SinkhornScaling(torch.autograd.Function):
         kernel = torch.addcmul(segments.gather(shift_x).neg_(), x, scale)
         shift_n = kernel.amax(dim=-1)  # a, (N,)
         kernel.sub_(shift_n.unsqueeze(-1)).exp_()
-        nonempty = segment_count(segments, x.dtype) > 0
-        safe = torch.ones((), dtype=x.dtype)  # the least sum seen: exact while >= SAFE_SUM
         v = torch.zeros_like(log_q)
         sums = []  # per iteration (C, R) and the two shifts W, Y: all else is rebuilt from them
         for k in range(c_p.numel()):
@@ -170,16 +168,18 @@ class _SinkhornScaling(torch.autograd.Function):
             col_shift = segment_max(shift_n + v, segments)
             col_weight = _col_weight(shift_n, v, col_shift, segments)
             col_sum = segment_sum(kernel * col_weight.unsqueeze(-1), segments)
-            safe = torch.minimum(safe, torch.where(nonempty.unsqueeze(-1), col_sum, 1.0).amin())
             u = c_p[k] * (log_p - _lse_u(shift_x, col_shift, col_sum))
             # v: weights on the dims, summed over each node's dims.
             row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
             row_sum = (kernel * segments.gather(_row_weight(shift_x, u, row_shift))).sum(dim=-1)
-            safe = torch.minimum(safe, row_sum.amin())
             v = c_q[k] * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
             sums += [col_sum, row_sum, col_shift, row_shift]
         ctx.segments = segments
         ctx.save_for_backward(x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, *sums)
+        # Exact while no sum fell below SAFE_SUM (the sums of empty sets are 0 and read by no node).
+        nonempty = segment_count(segments, x.dtype) > 0
+        safe = torch.minimum(torch.stack(sums[::4]).amin(dim=(0, 2)).masked_fill(~nonempty, 1.0).amin(),
+                             torch.stack(sums[1::4]).amin())
         ok = safe >= SAFE_SUM[x.dtype]
         ctx.mark_non_differentiable(ok)
         return u, v, ok
@@ -268,8 +268,10 @@ def sinkhorn_log_plan(
     ``eps``, ``lam_p`` and ``lam_q`` are 1-D tensors of length ``K``: iteration ``k`` uses entry
     ``k``, and the plan is read with the last ``eps``. ``lam = inf`` makes a marginal hard, ``lam = 0``
     free.
-    With :obj:`memory_efficient`, the backward stores ``O(K (B D + N))`` instead of autograd's
-    ``O(K N D)``.
+    With :obj:`memory_efficient`, the backward stores ``O(N D + K (B D + N))`` instead of autograd's
+    ``O(K N D)``, and one ``eps`` for all iterations runs in the scaling domain on the CPU
+    (:class:`_SinkhornScaling`: one exponential of the data instead of two per iteration), falling back
+    to the log domain (:class:`_SinkhornPotentials`) where a set spans more than the float's range.
     """
     scale = eps.reciprocal()
     c_p, c_q = hardness(lam_p, eps), hardness(lam_q, eps)
