@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -92,6 +93,17 @@ def run_lock(folder: Path) -> Iterator[None]:
 
 # What torch.load and load_state_dict raise for a file cut short, overwritten or from another program.
 CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError)
+
+
+def check_resumable(saved: dict[str, Any], config: Any, runtime_fields: frozenset, path: Path) -> None:
+    """Stops with one line if the checkpoint at ``path``, written under the config dict ``saved``, belongs to a
+    run whose dataclass ``config`` differs in a field outside ``runtime_fields``. A field added to the config
+    class after the checkpoint was written was then its default."""
+    current = dataclasses.asdict(config)
+    saved = {**dataclasses.asdict(type(config)()), **saved}
+    changed = sorted(key for key in current if key not in runtime_fields and saved[key] != current[key])
+    if changed:
+        raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
 
 
 def damaged(path: Path, error: Exception, remedy: str) -> SystemExit:

@@ -49,8 +49,8 @@ from experiments.data import load_ogb, load_tu, ogb_names
 from experiments.models import BACKBONES, GIN, OGBGNN
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
-from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, csv_text, damaged, epoch_seconds,
-                                 git_commit, run_lock, uot_values, write_csv, write_json)
+from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, csv_text, damaged,
+                                 epoch_seconds, git_commit, run_lock, uot_values, write_csv, write_json)
 
 
 class Task(abc.ABC):
@@ -227,15 +227,6 @@ def train_epoch(model: torch.nn.Module, task: Task, loader: DataLoader, optimize
     return (total[0] / total[1]).item()
 
 
-def _check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
-    current = dataclasses.asdict(config)
-    # A field added to Config after the checkpoint was written was then its default.
-    saved = {**dataclasses.asdict(Config()), **saved}
-    changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved[key] != current[key])
-    if changed:
-        raise SystemExit(f"{path} belongs to a run with other {', '.join(changed)}; choose another --out")
-
-
 def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor], index: int,
                 key: tuple[int, ...], device: torch.device, rank: int, world_size: int,
                 restart: bool = False) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
@@ -264,7 +255,7 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
             saved = ckpt["config"]
         except CHECKPOINT_ERRORS as error:
             raise damaged(ckpt_path, error, remedy) from None
-        _check_resumable(saved, config, ckpt_path)
+        check_resumable(saved, config, RUNTIME_FIELDS, ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -38,8 +38,8 @@ from experiments.config import UsageError, dataclass_parser, parse_dataclass, re
 from experiments.data import load_tu
 from experiments.models import POOLINGS
 from experiments.protocol import derive_seed, summarize
-from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, damaged, epoch_seconds, git_commit,
-                                 run_lock, uot_values, write_csv, write_json)
+from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, damaged, epoch_seconds,
+                                 git_commit, run_lock, uot_values, write_csv, write_json)
 
 CSV_FIELDS = ("epoch", "model_loss", "view_loss", "reg", "train_acc", "val_acc", "test_acc", "train_seconds",
               "seconds")
@@ -207,11 +207,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
             saved = ckpt["config"]
         except CHECKPOINT_ERRORS as error:
             raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
-        current = dataclasses.asdict(config)
-        saved = {**dataclasses.asdict(AdgclConfig()), **saved}  # a field added since was then its default
-        changed = sorted(key for key in current if key not in RUNTIME_FIELDS and saved[key] != current[key])
-        if changed:
-            raise SystemExit(f"{ckpt_path} belongs to a run with other {', '.join(changed)}; choose another --out")
+        check_resumable(saved, config, RUNTIME_FIELDS, ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
             view_learner.load_state_dict(ckpt["view_learner"])
