@@ -10,8 +10,8 @@ From a run directory of ``experiments.train`` it writes into ``DIR``:
 - ``poolings.md`` and ``poolings.png``: where the trained readout sits between the classic poolings of the same node
   embeddings (:func:`pooling_distances`);
 - ``README.md``: the command that made them, the table, and a line for each picture that could not be made (a run
-  from before the harness logged the UOT values has no trajectories; checkpoints are not committed, so a committed
-  run has no plans until it is run again).
+  from before the harness logged the UOT values has no trajectories; most committed runs carry no checkpoint, so
+  they have no plans until they are run again).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def classic_poolings(layer: UOTAggregation, x: Tensor, index: Tensor, num_graphs
     its gate's softmax (the prior :math:`q` itself); otherwise (uniform or counting prior, no gate) the plan's node
     marginal :math:`T \\mathbf{1}` normalised to sum 1 in each graph, i.e. the attention pooling that weighs nodes as
     the layer does but gives every dimension the same weights. With a hard node marginal it is mean pooling.
-    *softmax* is :math:`\sum_n \mathrm{softmax}_n(x_{nd} / \varepsilon) x_{nd}`, at the temperature ``eps`` of the
+    *softmax* is :math:`\\sum_n \\mathrm{softmax}_n(x_{nd} / \\varepsilon) x_{nd}`, at the temperature ``eps`` of the
     layer (of its last iteration; 1 where ``eps = 0``): the layer's own limit for a free node marginal
     (``lam_q = 0``, ``lam_p = inf``).
     """
@@ -210,7 +210,7 @@ def load_fold(run: Path, fold: Optional[int], root: Optional[str],
         checkpoints = [p for p in checkpoints if int(re.sub(r"\D", "", p.stem)) == fold]
     if not checkpoints:
         which = "fold*.pt or seed*.pt" if fold is None else f"fold{fold}.pt or seed{fold}.pt"
-        return (f"{run}: no checkpoint ({which}; checkpoints are not committed), so no plan pictures and no "
+        return (f"{run}: no checkpoint ({which}; most committed runs carry none), so no plan pictures and no "
                 f"pooling comparison: run the training command of {run / 'results.json'} again to get one")
     path = checkpoints[0]
     try:

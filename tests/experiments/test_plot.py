@@ -73,12 +73,14 @@ def test_a_run_without_uot_columns_still_gets_its_plans(run, cache, tmp_path, ca
 
 
 def test_a_committed_run_without_checkpoint(tmp_path, capsys):
-    committed = REPO / "docs/tu/runs/mutag-uot"
+    committed = tmp_path / "mutag-uot"
+    shutil.copytree(REPO / "docs/tu/runs/mutag-uot", committed, ignore=shutil.ignore_patterns("*.pt"))
     out = tmp_path / "pictures"
     main([str(committed), "--out", str(out)])
     printed = capsys.readouterr().out
-    assert f"{committed}: no checkpoint (fold*.pt or seed*.pt; checkpoints are not committed)" in printed
-    assert not list(out.glob("*.png"))
+    assert f"{committed}: no checkpoint (fold*.pt or seed*.pt; most committed runs carry none)" in printed
+    # The per-epoch logs still give the trajectories; only the checkpoint's pictures are missing.
+    assert [p.name for p in out.glob("*.png")] == ["parameters.png"]
     assert "no checkpoint" in (out / "README.md").read_text()
 
 
@@ -99,6 +101,7 @@ def test_mutag_nodes_are_named_by_atom_type(cache):
     ("softmax", dict(t=0.5), {"softmax"}), ("attention", dict(channels=6), {"attention"})])
 def test_a_preset_layer_is_at_its_pooling(preset, kwargs, expected):
     x, index = ragged_batch([3, 8, 5, 12], 6, seed=7, dtype=torch.float32)
+    torch.manual_seed(0)  # the attention gate's initial weights: some draws give nearly uniform weights (= mean)
     names, distances = pooling_distances(UOTAggregation.from_preset(preset, **kwargs), x, index, 4)
     assert names == ["mean", "max", "sum", "attention", "softmax"]
     near = np.array([name in expected for name in names])
