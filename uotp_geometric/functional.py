@@ -24,7 +24,9 @@ from torch import Tensor
 from uotp_geometric.segment import (Segments, segment_count, segment_sum,
                                     sorted_segments)
 from uotp_geometric.solvers import (badmm_log_plan, rot_badmm_log_plan,
-                                    rot_sinkhorn_log_plan, sinkhorn_log_plan)
+                                    rot_sinkhorn_log_plan, sinkhorn_log_plan,
+                                    sinkhorn_pool)
+from uotp_geometric.solvers.common import pool_log_plan
 
 __all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
 
@@ -133,14 +135,15 @@ def _node_prior(x: Tensor, segments: Segments,
     return q.to(x.dtype)
 
 
-def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
-              eps: Value, lam_p: Value, lam_q: Value, rho: Value,
-              num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
-              log_q: Optional[Tensor], memory_efficient: bool,
-              gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4
-              ) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
-    r"""Returns the log-plan, the features and sets it was solved on, and the row permutation
-    applied to them (``None`` where the rows kept their order)."""
+def _run_solver(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
+                eps: Value, lam_p: Value, lam_q: Value, rho: Value,
+                num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
+                log_q: Optional[Tensor], memory_efficient: bool,
+                gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4,
+                pool: bool = False) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
+    r"""Returns the log-plan (with :obj:`pool`, the pooled output instead), the features and sets it
+    was solved on, and the row permutation applied to them (``None`` where the rows kept their
+    order)."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver '{solver}' (expected one of "
                          f"{list(SOLVERS)})")
@@ -172,29 +175,36 @@ def _log_plan(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
         perm, segments = sorted_segments(index, num_sets)
         x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
     with torch.autocast(x.device.type, enabled=False):
-        log_plan = _solve(x, segments, solver, eps, lam_p, lam_q, rho,
-                          num_iters, log_p, log_q, memory_efficient, gw,
-                          prox, inner_iters)
-    return log_plan, x, segments, perm
+        out = _solve(x, segments, solver, eps, lam_p, lam_q, rho, num_iters,
+                     log_p, log_q, memory_efficient, gw, prox, inner_iters,
+                     pool)
+    return out, x, segments, perm
 
 
 def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
            lam_p: Value, lam_q: Value, rho: Value, num_iters: int,
            log_p: Tensor, log_q: Tensor, memory_efficient: bool,
-           gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4) -> Tensor:
+           gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4,
+           pool: bool = False) -> Tensor:
     eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
     lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
     lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
     if not _is_zero(gw):
-        return _solve_structured(x, segments, solver, eps_k, lam_p_k, lam_q_k,
-                                 rho, num_iters, log_p, log_q,
-                                 memory_efficient, gw, prox, inner_iters)
-    if solver == 'sinkhorn':
-        return sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, log_p,
-                                 log_q, memory_efficient)
-    rho_k = _schedule('rho', rho, num_iters, x, positive=True)
-    return badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p,
-                          log_q, memory_efficient)
+        log_plan = _solve_structured(x, segments, solver, eps_k, lam_p_k,
+                                     lam_q_k, rho, num_iters, log_p, log_q,
+                                     memory_efficient, gw, prox, inner_iters)
+    elif solver == 'sinkhorn' and pool:  # pooled without forming the plan where it can
+        return sinkhorn_pool(x, segments, eps_k, lam_p_k, lam_q_k, log_p,
+                             log_q, memory_efficient)
+    elif solver == 'sinkhorn':
+        log_plan = sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k,
+                                     log_p, log_q, memory_efficient)
+    else:
+        rho_k = _schedule('rho', rho, num_iters, x, positive=True)
+        log_plan = badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k,
+                                  log_p, log_q, memory_efficient)
+    return pool_log_plan(x, log_plan, segments) if pool else log_plan
+
 
 
 def _solve_structured(x: Tensor, segments: Segments, solver: str,
@@ -273,9 +283,9 @@ def uot_plan(
     Returns:
         Tensor: The plan, shape ``(N, D)``.
     """
-    log_plan, _, _, perm = _log_plan(x, index, dim_size, solver, eps, lam_p,
-                                     lam_q, rho, num_iters, p, q, log_q,
-                                     memory_efficient, gw, prox, inner_iters)
+    log_plan, _, _, perm = _run_solver(x, index, dim_size, solver, eps, lam_p,
+                                       lam_q, rho, num_iters, p, q, log_q,
+                                       memory_efficient, gw, prox, inner_iters)
     if perm is None:
         return log_plan.exp()
     inverse = torch.empty_like(perm).scatter_(
@@ -306,11 +316,10 @@ def uot_pool(
 
     Takes the arguments of :func:`uot_plan`. An empty set gives a zero row.
     """
-    log_plan, x, segments, _ = _log_plan(x, index, dim_size, solver, eps,
-                                         lam_p, lam_q, rho, num_iters, p, q,
-                                         log_q, memory_efficient, gw, prox,
-                                         inner_iters)
-    return x.size(-1) * segment_sum(x * log_plan.exp(), segments)
+    out, _, _, _ = _run_solver(x, index, dim_size, solver, eps, lam_p, lam_q,
+                               rho, num_iters, p, q, log_q, memory_efficient,
+                               gw, prox, inner_iters, pool=True)
+    return out
 
 
 class UOTDiagnostics(NamedTuple):

@@ -1,6 +1,8 @@
 import torch
 from torch import Tensor
 
+from uotp_geometric.segment import Segments, segment_sum
+
 # The largest log-mass a plan entry (Sinkhorn) or marginal (BADMM) may take. Where the exact optimum
 # is larger (tiny lam with large |x| / eps lets the unbalanced mass grow like exp(|x| / eps)), its
 # pooled value overflows float32, and BADMM's gradients, which pass through T at every iteration, do so
@@ -24,3 +26,8 @@ def hardness(lam: Tensor, scale: Tensor) -> Tensor:
     out = finite_lam / (finite_lam + finite_scale)
     out = torch.where(scale_inf, torch.zeros_like(out), out)
     return torch.where(lam_inf, one, out)
+
+
+def pool_log_plan(x: Tensor, log_plan: Tensor, segments: Segments) -> Tensor:
+    r"""UOT-Pooling from a plan: :math:`z_b = D \sum_{n \in b} x_n \odot T_n`, shape ``(B, D)``."""
+    return x.size(-1) * segment_sum(x * log_plan.exp(), segments)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from uotp_geometric.functional import uot_plan, uot_pool
-from uotp_geometric.solvers.common import hardness
+from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
 from tests.uotp_geometric.helpers import pot_plan, ragged_batch
 
 SIZES = [1, 2, 5, 13, 30, 7]
@@ -118,6 +118,37 @@ def test_scaling_domain_falls_back_beyond_the_float_range():
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grads[0].double(), expected_grads[0], rtol=1e-4, atol=1e-3)
+
+
+def test_pool_matches_pot():
+    # One eps: the pooled vectors are read from the scaling-domain kernel, never from a formed plan.
+    x, index = ragged_batch(SIZES, 6, shuffle=True, seed=6)
+    out = uot_pool(x, index, eps=0.6, lam_p=2.0, lam_q=0.4, num_iters=3000)
+    for b in range(len(SIZES)):
+        x_set = x[index == b]
+        expected = 6 * (x_set.numpy() * pot_plan(x_set, 0.6, 2.0, 0.4)).sum(axis=0)
+        np.testing.assert_allclose(out[b].numpy(), expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize('scale', [3.0, 5.0])
+def test_pool_with_free_marginals_is_closed_form(scale):
+    # lam_p = lam_q = 0: u = v = 0, so T = exp(x / eps), capped at e^MAX_LOG_MASS. At scale 5 entries pass
+    # the cap, which the pooled path must notice (and hand to the capped log domain); at scale 3 none do.
+    x, index = ragged_batch([4, 0, 9, 1, 6], 5, seed=12, scale=scale)
+    eps = 0.5
+    out, grads = _pool_and_grads(x, index, 5, True, eps=eps, lam_p=0.0, lam_q=0.0)
+    logits = x / eps
+    capped = logits > MAX_LOG_MASS
+    assert bool(capped.any()) == (scale == 5.0)
+    plan = logits.clamp(max=MAX_LOG_MASS).exp()
+    expected = 5 * torch.zeros(5, 5, dtype=x.dtype).index_add_(0, index, x * plan)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    # d z / d x = D w T (1 + x / eps) below the cap and D w T above it; d z / d eps = -D w x T x / eps^2.
+    weight = 5 * torch.linspace(-1, 2, out.numel(), dtype=x.dtype).view_as(out)[index]
+    grad_x = weight * plan * (1 + logits.masked_fill(capped, 0.0))
+    grad_eps = -(weight * x * plan * logits.masked_fill(capped, 0.0) / eps).sum()
+    torch.testing.assert_close(grads[0], grad_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], grad_eps, rtol=1e-12, atol=1e-12)
 
 
 def test_one_eps_gradcheck():
