@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn import Linear, Parameter
 from torch_geometric.nn.aggr import Aggregation
 
-from uotp_geometric.functional import SOLVERS, uot_pool
+from uotp_geometric.functional import SOLVERS, uot_plan, uot_pool
 from uotp_geometric.segment import (Segments, segment_count,
                                     segment_logsumexp)
 
@@ -213,9 +213,11 @@ class UOTAggregation(Aggregation):
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def _priors(self, x: Tensor, index: Tensor,
-                num_sets: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        r"""Returns the priors ``p`` and ``log q`` (``None`` for the uniform default)."""
+    def priors(self, x: Tensor, index: Tensor,
+               num_sets: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        r"""The priors the layer gives the sets of ``(x, index)`` (``x`` of shape ``(N, D)``): the
+        dimension prior ``p``, shape ``(num_sets, D)``, and the log node prior ``log q``, shape ``(N,)``;
+        ``None`` for the uniform default of :func:`~uotp_geometric.functional.uot_plan`."""
         segments = Segments(index, num_sets)
         if self.prior == 'attention':
             # The log-softmax of the gate over each set, in float32 even under autocast: log q stays
@@ -267,17 +269,31 @@ class UOTAggregation(Aggregation):
         flat_index = (index.unsqueeze(-1) * num_extra + offsets).reshape(-1)
         num_sets = dim_size * num_extra
 
-        p, log_q = self._priors(flat_x, flat_index, num_sets)
-        out = uot_pool(flat_x, flat_index, num_sets, solver=self.solver,
-                       eps=self.value('eps'), lam_p=self.value('lam_p'),
-                       lam_q=self.value('lam_q'),
-                       rho=self.value('rho') if self.solver == 'badmm' else 1.0,
-                       num_iters=self.num_iters, p=p, log_q=log_q,
-                       memory_efficient=self.memory_efficient,
-                       gw=self.value('gw') if 'gw' in self.init_values else 0.0,
-                       prox=self.value('prox') if 'prox' in self.init_values else 1.0,
-                       inner_iters=self.inner_iters)
+        p, log_q = self.priors(flat_x, flat_index, num_sets)
+        out = uot_pool(flat_x, flat_index, num_sets, p=p, log_q=log_q,
+                       **self._solver_kwargs())
         return out.reshape(dim_size, *extra_shape, num_dims).movedim(0, dim)
+
+    def plan(self, x: Tensor, index: Tensor,
+             dim_size: Optional[int] = None) -> Tensor:
+        r"""The transport plan :math:`T` the layer solves for on node features ``x`` of shape
+        ``(N, D)`` grouped into sets by ``index``, with the layer's current values and priors: shape
+        ``(N, D)``, one row per node (:func:`~uotp_geometric.functional.uot_plan`). The layer's output
+        is :math:`D \sum_{n \in b} x_n \odot T_n` per set."""
+        if x.dim() != 2:
+            raise ValueError(f"'plan' takes node features of shape (num_nodes, num_features) "
+                             f"(got shape {tuple(x.shape)})")
+        if dim_size is None:
+            dim_size = int(index.max()) + 1 if index.numel() > 0 else 0
+        p, log_q = self.priors(x, index, dim_size)
+        return uot_plan(x, index, dim_size, p=p, log_q=log_q, **self._solver_kwargs())
+
+    def _solver_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = dict(
+            solver=self.solver, num_iters=self.num_iters, memory_efficient=self.memory_efficient,
+            inner_iters=self.inner_iters)
+        kwargs.update({name: self.value(name) for name in self.init_values})
+        return kwargs
 
     def __repr__(self) -> str:
         values = ', '.join(f'{k}={v:g}' for k, v in self.init_values.items())

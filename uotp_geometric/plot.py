@@ -47,12 +47,8 @@ def layer_plan(layer: UOTAggregation, x: Tensor, index: Tensor,
     if x.dim() != 2:
         raise ValueError(f"plot_plan draws sets of node vectors: 'x' must have shape "
                          f"(num_nodes, num_features) (got {tuple(x.shape)})")
-    p, log_q = layer._priors(x, index, num_sets)
-    values = {name: layer.value(name) for name in layer.init_values}
-    if 'gw' in values:  # ROT-Pooling's structure term (spec §6)
-        values['inner_iters'] = layer.inner_iters
-    plan = uot_plan(x, index, num_sets, solver=layer.solver, num_iters=layer.num_iters,
-                    p=p, log_q=log_q, **values)
+    p, log_q = layer.priors(x, index, num_sets)
+    plan = layer.plan(x, index, num_sets)
     pooled = x.size(-1) * segment_sum(x * plan, Segments(index, num_sets))
     if not torch.allclose(pooled, layer(x, index, dim_size=num_sets), rtol=1e-4, atol=1e-5):
         raise ValueError(f"the plan recomputed from {layer!r} does not reproduce the layer's "

@@ -30,6 +30,30 @@ def test_matches_pot_pooling_in_float64():
         np.testing.assert_allclose(out[b].detach().numpy(), expected, atol=1e-7)
 
 
+def test_plan_matches_pot_in_float64():
+    sizes = [3, 8, 1]
+    x, index = ragged_batch(sizes, 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=3000, eps=0.6, lam_p=2.0, lam_q=0.5).double()
+    plan = aggr.plan(x, index)
+    for b in range(len(sizes)):
+        np.testing.assert_allclose(plan[index == b].detach().numpy(), pot_plan(x[index == b], 0.6, 2.0, 0.5),
+                                   atol=1e-7)
+
+
+def test_plan_and_priors_with_an_attention_gate():
+    # With lam_q = inf the node marginal is the gate's softmax over each set: the prior q itself.
+    x, index = ragged_batch([3, 8, 1], 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=50, eps=0.5, lam_p=INF, lam_q=INF, prior='attention', channels=4).double()
+    p, log_q = aggr.priors(x, index, 3)
+    q = softmax(aggr.gate(x).squeeze(-1), index)
+    assert p is None
+    torch.testing.assert_close(log_q.exp(), q, rtol=1e-12, atol=1e-12)
+    plan = aggr.plan(x, index)
+    torch.testing.assert_close(plan.sum(-1), q, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="shape \\(num_nodes, num_features\\)"):
+        aggr.plan(x.unsqueeze(0), index)
+
+
 def test_learnable_values_start_at_their_initial_values():
     aggr = UOTAggregation(eps=0.3, lam_p=INF, lam_q=2.5)
     names = {name for name, _ in aggr.named_parameters()}
