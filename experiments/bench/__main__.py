@@ -15,6 +15,7 @@ from experiments.bench.cases import make_plan
 from experiments.bench.report import machine_info, write_outputs
 from experiments.bench.suite import run
 from experiments.bench.training import TrainingPlan
+from experiments.models import POOLINGS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -29,6 +30,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--training", action="store_true",
                         help="also time training epochs of GIN on PROTEINS per pooling (one thread)")
     parser.add_argument("--training-epochs", type=int, default=TrainingPlan.epochs, help="timed epochs per pooling")
+    parser.add_argument("--training-poolings", nargs="+", choices=POOLINGS, default=list(TrainingPlan.poolings),
+                        metavar="POOLING", help="poolings timed by --training, the first the baseline of the "
+                        f"ratios (default: {' '.join(TrainingPlan.poolings)}; any of {', '.join(POOLINGS)})")
     parser.add_argument("--root", default=TrainingPlan.root, help="TUDataset root for --training (read only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -38,7 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.repeats:
         plan.repeats = args.repeats
     if args.training:
-        plan.training = TrainingPlan(root=args.root, epochs=args.training_epochs)
+        plan.training = TrainingPlan(root=args.root, epochs=args.training_epochs,
+                                     poolings=tuple(args.training_poolings))
     command = shlex.join(["python", "-m", "experiments.bench", *(sys.argv[1:] if argv is None else argv)])
     load_before = os.getloadavg()[0]
     df = run(plan, device, args.threads)

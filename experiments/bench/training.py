@@ -20,6 +20,9 @@ from experiments.config import parse_config
 from experiments.train import TUTask, train_epoch
 
 
+SOLVER_OF = {"uot": "sinkhorn", "rot": "sinkhorn", "uot_badmm": "badmm", "rot_badmm": "badmm"}
+
+
 @dataclass
 class TrainingPlan:
     """``epochs`` timed epochs per pooling after ``warmup`` untimed ones, on ``threads`` threads."""
@@ -66,8 +69,8 @@ def measure_training(plan: TrainingPlan) -> list[dict[str, Any]]:
         ratios = np.array(times) / base
         rows.append(dict(section="training", config=f"GIN {config.num_layers}x{config.hidden} on {config.dataset}, "
                                                     f"batch {config.batch_size}, {plan.threads} thread(s)",
-                         method=pooling, solver={"uot": "sinkhorn", "uot_badmm": "badmm"}.get(pooling, ""),
-                         K=config.num_iters if pooling.startswith("uot") else 0, N=len(train_idx),
+                         method=pooling, solver=SOLVER_OF.get(pooling, ""),
+                         K=config.num_iters if pooling in SOLVER_OF else 0, N=len(train_idx),
                          epoch_s=float(np.median(times)), baseline=plan.poolings[0],
                          epoch_ratio=float(np.median(ratios)),
                          note=f"ratio {ratios.min():.3g} to {ratios.max():.3g} over {plan.epochs} epochs (after "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from experiments import bench
+from experiments.bench import __main__ as bench_main
 from uotp_geometric.functional import uot_pool
 
 
@@ -128,3 +129,13 @@ def test_training_section(tmp_path: Path, one_thread: int) -> None:
     df = pd.DataFrame(rows, columns=bench.COLUMNS)
     table = bench.headline(df)
     assert list(table.measured) == [rows[1]["epoch_ratio"], rows[2]["epoch_ratio"]]
+
+
+def test_training_poolings_are_chosen_on_the_command_line(monkeypatch, tmp_path: Path) -> None:
+    plans = []
+    monkeypatch.setattr(bench_main, "run", lambda plan, device, threads: plans.append(plan) or pd.DataFrame())
+    monkeypatch.setattr(bench_main, "write_outputs", lambda *args: None)
+    bench_main.main(["--quick", "--training", "--training-poolings", "add", "gmt", "rot", "--out", str(tmp_path)])
+    assert plans[0].training.poolings == ("add", "gmt", "rot")
+    with pytest.raises(SystemExit):
+        bench_main.main(["--quick", "--training", "--training-poolings", "median", "--out", str(tmp_path)])
