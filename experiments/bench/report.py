@@ -21,6 +21,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_CONF")
+
+
 def machine_info(device: torch.device, command: str, load_before: float) -> dict[str, str]:
     """The header of the README: where, when and how the numbers were made."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -48,6 +51,10 @@ def machine_info(device: torch.device, command: str, load_before: float) -> dict
         "torch / torch_geometric / python": f"{torch.__version__} / {torch_geometric.__version__} / "
                                             f"{platform.python_version()}",
         "commit": f"{commit or 'none (no commit yet)'}, tree {tree}",
+        # glibc returns freed (N, D) temporaries to the OS and faults them in again on the next call; these
+        # settings (or another allocator) change that, and with it the times of the methods that allocate most.
+        "memory allocator": ", ".join(f"{name}={os.environ[name]}" for name in ALLOCATOR_ENV if name in os.environ)
+        or "the C library's defaults (no MALLOC_* or LD_PRELOAD set)",
         "memory_efficient keyword": "present: UOT rows say efficient or autograd" if HAS_MEMORY_EFFICIENT
         else "absent: UOT rows run the library's only backward (autograd through the K iterations)",
     }

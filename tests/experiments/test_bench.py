@@ -139,3 +139,13 @@ def test_training_poolings_are_chosen_on_the_command_line(monkeypatch, tmp_path:
     assert plans[0].training.poolings == ("add", "gmt", "rot")
     with pytest.raises(SystemExit):
         bench_main.main(["--quick", "--training", "--training-poolings", "median", "--out", str(tmp_path)])
+
+
+def test_machine_info_names_the_allocator_settings(monkeypatch) -> None:
+    for name in bench.report.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
+    assert info["memory allocator"].startswith("the C library's defaults")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
+    info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
+    assert info["memory allocator"] == "MALLOC_TRIM_THRESHOLD_=268435456"
