@@ -160,7 +160,7 @@ class _SinkhornScaling(torch.autograd.Function):
         u, v, kernel, shifts, sums = _scaling_iterations(x, segments, scale, c_p, c_q, log_p, log_q)
         ctx.segments = segments
         ctx.save_for_backward(x, kernel, *shifts, scale, c_p, c_q, log_p, log_q, *sums)
-        ok = _sums_are_safe(x, segments, sums)
+        ok = _sums_are_safe(x, sums, _nonempty(segments, x.dtype))
         ctx.mark_non_differentiable(ok)
         return u, v, ok
 
@@ -209,9 +209,9 @@ class _SinkhornScalingPool(torch.autograd.Function):
         ctx.save_for_backward(x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, node_weight, col_factor,
                               total, *sums)
         # The cap of the log-domain path is never reached where F + W stays below it (empty sets aside).
-        nonempty = (segment_count(segments, x.dtype) > 0).unsqueeze(-1)
-        uncapped = col_log.masked_fill(~nonempty, 0.0).amax() <= MAX_LOG_MASS
-        ok = _sums_are_safe(x, segments, sums) & uncapped
+        nonempty = _nonempty(segments, x.dtype)
+        uncapped = col_log.masked_fill(~nonempty.unsqueeze(-1), 0.0).amax() <= MAX_LOG_MASS
+        ok = _sums_are_safe(x, sums, nonempty) & uncapped
         ctx.mark_non_differentiable(ok)
         return out, ok
 
@@ -257,10 +257,13 @@ def _scaling_iterations(x: Tensor, segments: Segments, scale: Tensor, c_p: Tenso
     return u, v, kernel, (shift_x, shift_n), sums
 
 
-def _sums_are_safe(x: Tensor, segments: Segments, sums: list) -> Tensor:
+def _nonempty(segments: Segments, dtype: torch.dtype) -> Tensor:
+    return segment_count(segments, dtype) > 0
+
+
+def _sums_are_safe(x: Tensor, sums: list, nonempty: Tensor) -> Tensor:
     r"""Whether no sum of :func:`_scaling_iterations` fell below :data:`SAFE_SUM` (the sums of empty sets
-    are 0 and read by no node)."""
-    nonempty = segment_count(segments, x.dtype) > 0
+    are 0 and read by no node: :obj:`nonempty` masks them out)."""
     safe = torch.minimum(torch.stack(sums[::4]).amin(dim=(0, 2)).masked_fill(~nonempty, 1.0).amin(),
                          torch.stack(sums[1::4]).amin())
     return safe >= SAFE_SUM[x.dtype]
