@@ -220,11 +220,11 @@ class _SinkhornScalingPool(torch.autograd.Function):
         (x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, node_weight, col_factor, total,
          *sums) = ctx.saved_tensors
         segments = ctx.segments
-        # dz/dT = D x: the plan's gradient is D g x T, that of its log (the logits) D g x T too.
+        # z = D sum_n x T: its gradient through the factor x is D g T, through log T = s x + u + v it is D g x T.
         grad_col = grad_out * col_factor * x.size(-1)
         grad_plan = kernel * segments.gather(grad_col)
-        grad_plan.mul_(node_weight.unsqueeze(-1))  # D g T / x, the gradient of x as a factor of z
-        grad_logits = grad_plan * x  # the gradient of log T = s x + u + v
+        grad_plan.mul_(node_weight.unsqueeze(-1))  # D g T
+        grad_logits = grad_plan * x  # D g x T
         gu = grad_col * total  # the segment sum of grad_logits, already known
         gv = grad_logits.sum(dim=-1)
         grads = _scaling_backward(segments, kernel, (shift_x, shift_n), c_p, c_q, log_p, log_q, sums, gu, gv,
