@@ -1,88 +1,408 @@
-r"""Bregman ADMM for unbalanced optimal transport over a ragged batch of sets (spec §3)."""
+r"""Bregman ADMM for unbalanced optimal transport over a ragged batch of sets: the entropic problem of
+spec §3 and the quadratic one of spec §7 (BADMM-Q), each optionally with the structure term of spec §6.
+
+All of them are one iteration with two blocks over the consensus :math:`T = S` with dual :math:`Z`, which
+differ only in a linear map :math:`L` of the plan that each block adds to its score and in the entropy that
+block 2 keeps:
+
+.. math::
+    G &= \log S + \big(X + L(S) - Z\big) / \rho, \quad
+    \log \eta = (1 - h_q) \operatorname{LSE}_d G + h_q \log q, \quad
+    \log T = G - \operatorname{LSE}_d G + \log \eta \\
+    H &= \beta \big(Z + L(T) + \rho \log T\big), \quad
+    \log \mu = (1 - h_p) \operatorname{LSE}_{n \in b} H + h_p \log p, \quad
+    \log S = H - \operatorname{LSE}_{n \in b} H + \log \mu \\
+    Z &\leftarrow Z + \rho (T - S)
+
+with :math:`L(Y) = \gamma\, C_N Y C_D + \delta\, Y` and
+
+* BADMM (§3): :math:`\beta = 1 / (\varepsilon + \rho)`, :math:`\delta = 0`,
+  :math:`h_p = \lambda_p / (\lambda_p + \varepsilon + \rho)`;
+* BADMM-Q (§7): :math:`\beta = 1 / \rho`, :math:`\delta = -\varepsilon / 2`,
+  :math:`h_p = \lambda_p / (\lambda_p + \rho)`;
+
+and in both :math:`h_q = \lambda_q / (\lambda_q + \rho)` and :math:`\gamma = \mathrm{gw} / 2` (spec §6's
+bilinear split, 0 without the structure term). No step divides by :math:`\varepsilon`, so
+:math:`\varepsilon = 0` is allowed (and makes the two the same iteration).
+
+References:
+    H. Wang and A. Banerjee, "Bregman Alternating Direction Method of Multipliers", NeurIPS 2014.
+    H. Xu and M. Cheng, "Regularized Optimal Transport Layers for Generalized Global Pooling
+    Operations", IEEE TPAMI 2023 (arXiv 2212.06339).
+"""
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from uotp_geometric.segment import Segments, segment_exp
+from uotp_geometric.segment import Segments, segment_exp, segment_max, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
+from uotp_geometric.solvers.structure import (SetBlocks, Structure, structure_product,
+                                              structure_product_vjp)
 
 
-def badmm_step(
-    x: Tensor,
-    segments: Segments,
-    log_s: Tensor,
-    dual: Tensor,
-    eps: Tensor,
-    lam_p: Tensor,
-    lam_q: Tensor,
-    rho: Tensor,
-    log_p: Tensor,
-    log_q: Tensor,
-    score: Optional[Callable[[Tensor], Tensor]] = None,
-) -> Tuple[Tensor, Tensor]:
-    r"""One Bregman ADMM iteration in the log domain, for the consensus :math:`T = S` with dual
-    :math:`Z`. Block 1 updates :math:`(T, \eta)`, block 2 :math:`(S, \mu)`, each an exact joint
-    minimiser:
+class BADMMCoefficients(NamedTuple):
+    r"""The per-iteration coefficients of the iteration, each of shape ``(K,)`` (see the module):
+    :obj:`rho` :math:`\rho`, :obj:`scale` :math:`\beta`, :obj:`h_q`, :obj:`h_p`, and the weights
+    :obj:`gamma` of :math:`C_N Y C_D` and :obj:`delta` of :math:`Y` in :math:`L` (``None`` where that
+    term is absent)."""
+    rho: Tensor
+    scale: Tensor
+    h_q: Tensor
+    h_p: Tensor
+    gamma: Optional[Tensor] = None
+    delta: Optional[Tensor] = None
 
-    .. math::
-        G &= \log S + (X - Z) / \rho, \quad
-        \log \eta = (1 - h_q) \operatorname{LSE}_d G + h_q \log q, \quad
-        \log T = G - \operatorname{LSE}_d G + \log \eta \\
-        H &= (Z + \rho \log T) / (\varepsilon + \rho), \quad
-        \log \mu = (1 - h_p) \operatorname{LSE}_{n \in b} H + h_p \log p, \quad
-        \log S = H - \operatorname{LSE}_{n \in b} H + \log \mu \\
-        Z &\leftarrow Z + \rho (T - S)
+    @property
+    def linear(self) -> bool:
+        return self.gamma is not None or self.delta is not None
 
-    with :math:`h_q = \lambda_q / (\lambda_q + \rho)` and
-    :math:`h_p = \lambda_p / (\lambda_p + \varepsilon + \rho)`. No step divides by
-    :math:`\varepsilon`, so :math:`\varepsilon = 0` is allowed. The marginals :math:`\eta, \mu` are
-    capped at :data:`~uotp_geometric.solvers.common.MAX_LOG_MASS` (in log).
 
-    An optional :obj:`score` adds a plan-dependent term to each block: :math:`X + \mathrm{score}(S)` in
-    :math:`G` and :math:`Z + \mathrm{score}(T)` in :math:`H` (the structure term of spec §6).
+def badmm_coefficients(eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor, gw: Optional[Tensor] = None,
+                       quadratic: bool = False) -> BADMMCoefficients:
+    r"""The :class:`BADMMCoefficients` of BADMM (spec §3) or, with :obj:`quadratic`, BADMM-Q (spec §7),
+    with the structure weight :obj:`gw` (spec §6) if given; all arguments of shape ``(K,)``. They are
+    computed here with autograd, so the solvers' backward needs to return gradients for them alone."""
+    entropy = torch.zeros_like(eps) if quadratic else eps  # BADMM-Q's block 2 keeps no entropy
+    return BADMMCoefficients(
+        rho=rho, scale=(entropy + rho).reciprocal(), h_q=hardness(lam_q, rho), h_p=hardness(lam_p, entropy + rho),
+        gamma=None if gw is None else gw / 2, delta=-eps / 2 if quadratic else None)
 
-    Args:
-        x (Tensor): Features of shape ``(N, D)``.
-        segments (Segments): The set of each row, ``B`` sets.
-        log_s (Tensor): :math:`\log S`, shape ``(N, D)``.
-        dual (Tensor): :math:`Z`, shape ``(N, D)``.
-        eps, lam_p, lam_q, rho (Tensor): Scalar tensors, ``eps >= 0``, ``rho > 0``.
-        log_p (Tensor): Log dimension prior, shape ``(B, D)``.
-        log_q (Tensor): Log node prior, shape ``(N,)``.
-        score (callable, optional): Maps a plan ``(N, D)`` to an extra score ``(N, D)``.
-    """
-    if score is not None:
-        x = x + score(log_s.exp())
-    g = torch.addcdiv(log_s, x - dual, rho)
-    # One exponential per block serves both its log-sum-exp and its plan: T = exp(g - m) eta / r', with
-    # m the (detached) row maximum and r' = r / exp(m); likewise S from the per-set column softmax.
-    shift_r = g.detach().amax(dim=-1, keepdim=True)
-    shift_r = torch.where(torch.isfinite(shift_r), shift_r, torch.zeros_like(shift_r))
+
+class _Problem(NamedTuple):
+    r"""What every iteration reads: the data, the priors, the coefficients and the structure."""
+    x: Tensor
+    segments: Segments
+    log_p: Tensor
+    log_q: Tensor
+    coef: BADMMCoefficients
+    structure: Optional[Structure]
+
+    def linear(self, k: int, plan: Tensor) -> Tensor:
+        r""":math:`L_k(Y)` (only where :attr:`BADMMCoefficients.linear`)."""
+        gamma, delta = self.coef.gamma, self.coef.delta
+        out = None if gamma is None else gamma[k] * structure_product(self.structure, plan)
+        if delta is not None:
+            out = plan * delta[k] if out is None else out + plan * delta[k]
+        return out
+
+
+def _initial_state(prob: _Problem) -> Tuple[Tensor, Tensor]:
+    r"""``(log S, Z)`` entering the first iteration: :math:`\log q_n + \log p_d` and 0."""
+    log_s = prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
+    return log_s, torch.zeros_like(log_s)
+
+
+def _uncapped(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
+    # The closed-form minimiser of a block's marginal, before the cap.
+    return (1 - h) * log_total + h * log_prior
+
+
+def _marginal(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
+    # Capped, for the reason MAX_LOG_MASS gives.
+    return _uncapped(log_total, h, log_prior).clamp(max=MAX_LOG_MASS)
+
+
+def _row_shift(g: Tensor) -> Tensor:
+    # A detached shift for the row exponential: it cancels in the plan and the log-sum-exp alike.
+    shift = g.detach().amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+
+
+def badmm_step(prob: _Problem, k: int, log_s: Tensor, dual: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Iteration :obj:`k` (see the module) from ``(log S, Z)``, out of place: the reference that plain
+    autograd differentiates (``memory_efficient=False``). Each block exponentiates once, for its
+    log-sum-exp and its plan alike."""
+    coef, segments = prob.coef, prob.segments
+    rho = coef.rho[k]
+    score = prob.x if not coef.linear else prob.x + prob.linear(k, log_s.exp())
+    g = log_s + (score - dual) / rho
+    shift_r = _row_shift(g)
     e_t = (g - shift_r).exp()
-    row_total = e_t.sum(dim=-1, keepdim=True)
-    log_row_total = row_total.log()
+    log_row_total = e_t.sum(dim=-1, keepdim=True).log()
     log_r = log_row_total + shift_r
-    h_q = hardness(lam_q, rho)
-    log_eta = ((1 - h_q) * log_r + h_q * log_q.unsqueeze(-1)).clamp(max=MAX_LOG_MASS)
+    log_eta = _marginal(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
     plan_t = e_t * (log_eta - log_row_total).exp()
-    if score is not None:  # Z + score(T) in H: it joins the X that G put into rho log T
-        x = x + score(plan_t)
-
-    # H = (Z + rho log T) / (eps + rho), with log T = g - log r + log eta: Z cancels.
-    h = torch.addcmul(x / (eps + rho), log_s + (log_eta - log_r), rho / (eps + rho))
+    h = dual + rho * (g + (log_eta - log_r))
+    if coef.linear:
+        h = h + prob.linear(k, plan_t)
+    h = coef.scale[k] * h
     e_s, col_total, shift_c = segment_exp(h, segments)
     log_col_total = col_total.log()
-    log_c = log_col_total + shift_c
-    h_p = hardness(lam_p, eps + rho)
-    log_mu = ((1 - h_p) * log_c + h_p * log_p).clamp(max=MAX_LOG_MASS)
-    log_s = h + segments.gather(log_mu - log_c)
+    log_mu = _marginal(log_col_total + shift_c, coef.h_p[k], prob.log_p)
+    log_s = h + segments.gather(log_mu - log_col_total - shift_c)
     plan_s = e_s * segments.gather((log_mu - log_col_total).exp())
+    return log_s, dual + rho * (plan_t - plan_s)
 
-    dual = torch.addcmul(dual, plan_t - plan_s, rho)
-    return log_s, dual
+
+def _step_(prob: _Problem, k: int, log_s: Tensor, dual: Tensor, work: Tensor, plan: Tensor) -> None:
+    r"""Iteration :obj:`k` of :func:`badmm_step` in place: ``(log S, Z)`` in :obj:`log_s` and :obj:`dual`
+    become the next state, and :obj:`plan` holds :math:`S` on entry (read only where :math:`L` acts)
+    and the new :math:`S` on return; :obj:`work` is scratch. Four ``(N, D)`` buffers, nothing else of
+    that size is allocated (save :math:`C_N S C_D`)."""
+    coef, segments = prob.coef, prob.segments
+    rho = coef.rho[k]
+    torch.sub(prob.x, dual, out=work)
+    if coef.linear:
+        work.add_(prob.linear(k, plan))
+    work.div_(rho).add_(log_s)  # G
+    shift_r = _row_shift(work)
+    torch.sub(work, shift_r, out=plan).exp_()
+    log_row_total = plan.sum(dim=-1, keepdim=True).log_()
+    log_r = log_row_total + shift_r
+    log_eta = _marginal(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
+    plan.mul_((log_eta - log_row_total).exp_())  # T
+    work.add_(log_eta - log_r).mul_(rho).add_(dual)  # Z + rho log T
+    if coef.linear:
+        work.add_(prob.linear(k, plan))
+    work.mul_(coef.scale[k])  # H
+    dual.addcmul_(plan, rho)  # Z + rho T; T is not read again
+    e_s, log_col_total, shift_c = _segment_exp_(work, segments, out=plan, gathered=log_s)
+    log_mu = _marginal(log_col_total + shift_c, coef.h_p[k], prob.log_p)
+    log_s.copy_(work)
+    torch.index_select(log_mu - log_col_total - shift_c, 0, segments.index, out=work)
+    log_s.add_(work)
+    torch.index_select((log_mu - log_col_total).exp_(), 0, segments.index, out=work)
+    dual.addcmul_(e_s.mul_(work), rho, value=-1)
+
+
+def _segment_exp_(h: Tensor, segments: Segments, out: Tensor, gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r""":func:`~uotp_geometric.segment.segment_exp` into :obj:`out`, with :obj:`gathered` as scratch for the
+    shift; returns ``(e, log total, shift)``."""
+    shift = segment_max(h, segments)
+    torch.index_select(shift, 0, segments.index, out=gathered)
+    torch.sub(h, gathered, out=out).exp_()
+    total = segment_sum(out, segments).clamp_min_(torch.finfo(h.dtype).tiny)
+    return out, total.log_(), shift
+
+
+def _checkpoint_stride(num_iters: int) -> int:
+    r"""The distance ``L`` between the states that the lean backward keeps.
+
+    The state ``(log S, Z)`` entering an iteration is ``2 N D`` values and no closed form recovers it from
+    the next one (block 2 mixes :math:`\log T` and :math:`T` through :math:`Z`), so the backward either
+    keeps it or recomputes it. Keeping every ``L``-th state and, for each span of ``L`` iterations in
+    turn, the ``L - 1`` states inside it keeps ``2 (K / L + L - 2) N D`` values, least at
+    ``L = sqrt(K)``, for one more forward pass: ``K = 4`` keeps two states, ``K = 32`` ten.
+    """
+    return max(1, math.ceil(math.sqrt(num_iters)))
+
+
+def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""All iterations in place from the initial state; returns :math:`\log S` and, if :obj:`stride`,
+    the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``."""
+    log_s, dual = _initial_state(prob)
+    num_iters = prob.coef.rho.numel()
+    plan = log_s.exp() if prob.coef.linear else torch.empty_like(log_s)
+    work = torch.empty_like(log_s)
+    kept = None
+    if stride:
+        kept = log_s.new_empty((math.ceil(num_iters / stride) - 1, 2, *log_s.shape))
+    for k in range(num_iters):
+        if stride and k and k % stride == 0:
+            kept[k // stride - 1, 0].copy_(log_s)
+            kept[k // stride - 1, 1].copy_(dual)
+        _step_(prob, k, log_s, dual, work, plan)
+    return log_s, kept
+
+
+class _Internals(NamedTuple):
+    r"""What the adjoint of iteration ``k`` reads, recomputed from the state entering it: three ``(N, D)``
+    tensors (four where :math:`L` acts) and per-row and per-(set, dim) values."""
+    plan_in: Optional[Tensor]  # S = exp(log S) entering, where L acts
+    g: Tensor  # G
+    e_t: Tensor  # exp(G - row shift)
+    row_total: Tensor  # sum_d e_t, (N, 1)
+    log_r: Tensor  # LSE_d G, (N, 1)
+    log_eta: Tensor
+    eta_free: Tensor  # where the cap of eta does not bind
+    row_factor: Tensor  # T = e_t * row_factor
+    e_s: Tensor  # exp(H - column shift)
+    col_total: Tensor  # (B, D)
+    log_c: Tensor  # LSE_{n in b} H
+    mu_free: Tensor
+    col_factor: Tensor  # S' = e_s * col_factor[index]
+
+
+def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Tensor) -> _Internals:
+    coef, segments = prob.coef, prob.segments
+    rho = coef.rho[k]
+    plan_in = log_s.exp() if coef.linear else None
+    g = prob.x - dual
+    if coef.linear:
+        g.add_(prob.linear(k, plan_in))
+    g.div_(rho).add_(log_s)
+    shift_r = _row_shift(g)
+    e_t = (g - shift_r).exp_()
+    row_total = e_t.sum(dim=-1, keepdim=True)
+    log_r = row_total.log() + shift_r
+    eta = _uncapped(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
+    log_eta = eta.clamp(max=MAX_LOG_MASS)
+    row_factor = (log_eta - row_total.log()).exp_()
+    h = (g + (log_eta - log_r)).mul_(rho).add_(dual)
+    if coef.linear:
+        h.add_(prob.linear(k, e_t * row_factor))
+    e_s, col_total, shift_c = segment_exp(h.mul_(coef.scale[k]), segments)
+    log_c = col_total.log() + shift_c
+    mu = _uncapped(log_c, coef.h_p[k], prob.log_p)
+    log_mu = mu.clamp(max=MAX_LOG_MASS)
+    return _Internals(plan_in, g, e_t, row_total, log_r, log_eta, eta <= MAX_LOG_MASS, row_factor, e_s,
+                      col_total, log_c, mu <= MAX_LOG_MASS, (log_mu - col_total.log()).exp_())
+
+
+class _Grads:
+    r"""The gradients that the lean backward accumulates, one entry per input of :class:`_BADMMIterations`."""
+    def __init__(self, prob: _Problem) -> None:
+        self.x = torch.zeros_like(prob.x)
+        self.log_p, self.log_q = torch.zeros_like(prob.log_p), torch.zeros_like(prob.log_q)
+        self.coef = BADMMCoefficients(*(None if c is None else torch.zeros_like(c) for c in prob.coef))
+        st = prob.structure
+        self.node = [torch.zeros_like(t) for t in st.x_node] if st is not None else []
+        self.gram = [torch.zeros_like(t) for t in st.gram] if st is not None else []
+
+    def linear(self, prob: _Problem, k: int, plan: Tensor, grad: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""Backpropagates :obj:`weight` times :obj:`grad` through :math:`L_k(Y)` at :math:`Y =` :obj:`plan`
+        into :math:`\gamma_k, \delta_k` and the structure. Returns :math:`L_k(A)` for :math:`A =` :obj:`grad`
+        (the gradient w.r.t. :math:`Y` up to :obj:`weight`: :math:`L` is self-adjoint) and
+        :math:`\langle A, L_k(Y) \rangle`."""
+        gamma, delta = prob.coef.gamma, prob.coef.delta
+        inner = torch.zeros_like(weight)
+        if gamma is not None:
+            along = _dot(grad, structure_product(prob.structure, plan))
+            self.coef.gamma[k] += weight * along
+            inner = inner + gamma[k] * along
+            node, gram = structure_product_vjp(prob.structure, plan, (weight * gamma[k]) * grad)
+            for total, part in zip(self.node + self.gram, node + gram):
+                total.add_(part)
+        if delta is not None:
+            along = _dot(grad, plan)
+            self.coef.delta[k] += weight * along
+            inner = inner + delta[k] * along
+        return prob.linear(k, grad), inner
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _Internals, grad_log_s: Tensor,
+                  grad_dual: Tensor, grads: _Grads) -> Tuple[Tensor, Tensor]:
+    r"""Backpropagates the gradients w.r.t. the state leaving iteration :obj:`k` to the state entering it,
+    adding those w.r.t. the data, priors and coefficients into :obj:`grads`. The steps below run the
+    iteration backwards, each line the adjoint of one line of :func:`badmm_step`."""
+    coef, segments, gc = prob.coef, prob.segments, grads.coef
+    rho, scale, h_q, h_p = coef.rho[k], coef.scale[k], coef.h_q[k], coef.h_p[k]
+    log_s, dual = state
+    plan_t = inner.e_t * inner.row_factor
+    plan_s = inner.e_s * segments.gather(inner.col_factor)
+    # Z' = Z + rho (T - S'), and S' = exp(log S').
+    gc.rho[k] += _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
+    grad_h = grad_log_s - plan_s.mul_(grad_dual).mul_(rho)
+    del plan_s
+    # log S' = H - log c + log mu, log mu = (1 - h_p) log c + h_p log p, log c = LSE_{n in b} H.
+    col = segment_sum(grad_h, segments)
+    pre_p = col * inner.mu_free
+    gc.h_p[k] += (pre_p * (prob.log_p - inner.log_c)).sum()
+    grads.log_p.add_(h_p * pre_p)
+    grad_h.addcmul_(inner.e_s, segments.gather(((1 - h_p) * pre_p - col) / inner.col_total))
+    # H = beta (Z + L(T) + rho log T), log T = G - log r + log eta.
+    shift_t = inner.log_eta - inner.log_r
+    dot_log_t = _dot(grad_h, inner.g) + (grad_h.sum(dim=-1, keepdim=True) * shift_t).sum()
+    gc.scale[k] += _dot(grad_h, dual) + rho * dot_log_t
+    gc.rho[k] += dot_log_t * scale
+    grad_t = rho * grad_dual
+    if coef.linear:
+        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale)
+        gc.scale[k] += linear_dot
+        grad_t.addcmul_(linear_grad, scale)
+    grad_h.mul_(scale)  # now the gradient w.r.t. Z + L(T) + rho log T
+    grad_dual = grad_dual + grad_h
+    grad_log_t = grad_t.mul_(plan_t).addcmul_(grad_h, rho)
+    del plan_t
+    # log eta = (1 - h_q) log r + h_q log q, log r = LSE_d G.
+    row = grad_log_t.sum(dim=-1, keepdim=True)
+    pre_q = row * inner.eta_free
+    gc.h_q[k] += (pre_q * (prob.log_q.unsqueeze(-1) - inner.log_r)).sum()
+    grads.log_q.add_(h_q * pre_q.squeeze(-1))
+    grad_g = grad_log_t.addcmul_(inner.e_t, ((1 - h_q) * pre_q - row) / inner.row_total)
+    # G = log S + (X + L(S) - Z) / rho.
+    grad_score = grad_g / rho
+    gc.rho[k] -= _dot(grad_score, inner.g) - _dot(grad_score, log_s)
+    grads.x.add_(grad_score)
+    grad_dual.sub_(grad_score)
+    if coef.linear:
+        linear_grad, _ = grads.linear(prob, k, inner.plan_in, grad_score, torch.ones_like(rho))
+        grad_g.addcmul_(linear_grad, inner.plan_in)
+    return grad_g, grad_dual
+
+
+def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Tensor],
+                 span: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    r"""The states entering iterations ``start`` to ``stop - 1``, from the first of them: the others are
+    recomputed in place into the slots of :obj:`span` ``(L - 1, 2, N, D)``."""
+    states = [first]
+    work = torch.empty_like(first[0])
+    plan = torch.empty_like(first[0])
+    for k in range(start, stop - 1):
+        log_s, dual = span[k - start]
+        log_s.copy_(states[-1][0])
+        dual.copy_(states[-1][1])
+        if prob.coef.linear:
+            torch.exp(log_s, out=plan)
+        _step_(prob, k, log_s, dual, work, plan)
+        states.append((log_s, dual))
+    return states
+
+
+class _BADMMIterations(torch.autograd.Function):
+    r"""The ``K`` iterations of :func:`badmm_step` with a hand-derived adjoint (:func:`_adjoint_step`).
+
+    The forward runs in place on four ``(N, D)`` buffers and keeps the states entering iterations
+    ``L, 2 L, ...`` (:func:`_checkpoint_stride`); the backward walks the spans of ``L`` iterations from
+    the last, recomputes the states inside a span into one buffer allocated once, and for each iteration,
+    from its state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`). Differentiable once
+    (no double backward).
+    """
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
+                log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
+        prob = _problem(x, segments, blocks, log_p, log_q, values)
+        ctx.stride = _checkpoint_stride(prob.coef.rho.numel())
+        log_s, kept = _iterate(prob, ctx.stride)
+        ctx.segments, ctx.blocks = segments, blocks
+        ctx.save_for_backward(x, log_p, log_q, kept, *values)
+        return log_s
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, log_p, log_q, kept, *values = ctx.saved_tensors
+        prob = _problem(x, ctx.segments, ctx.blocks, log_p, log_q, values)
+        grads = _Grads(prob)
+        stride, num_iters = ctx.stride, prob.coef.rho.numel()
+        span = x.new_empty((min(stride, num_iters) - 1, 2, *x.shape))
+        grad_log_s, grad_dual = grad_out.clone(), torch.zeros_like(x)
+        for start in reversed(range(0, num_iters, stride)):
+            first = _initial_state(prob) if start == 0 else tuple(kept[start // stride - 1])
+            states = _span_states(prob, start, min(start + stride, num_iters), first, span)
+            for k in reversed(range(start, start + len(states))):
+                state = states[k - start]
+                inner = _recompute(prob, k, *state)
+                grad_log_s, grad_dual = _adjoint_step(prob, k, state, inner, grad_log_s, grad_dual, grads)
+        # The initial state log S = log q + log p.
+        grads.log_q.add_(grad_log_s.sum(dim=-1))
+        grads.log_p.add_(segment_sum(grad_log_s, prob.segments))
+        return (grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
+
+
+def _problem(x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor, log_q: Tensor,
+             values: Tuple[Optional[Tensor], ...]) -> _Problem:
+    r"""Reassembles a :class:`_Problem` from the flat tensor arguments of :class:`_BADMMIterations`: the six
+    coefficients, then the structure's per-bucket :math:`\tilde X` and :math:`\tilde C_D`."""
+    coef, st_tensors = BADMMCoefficients(*values[:6]), values[6:]
+    num_buckets = len(st_tensors) // 2
+    st = None if blocks is None else Structure(list(st_tensors[:num_buckets]), list(st_tensors[num_buckets:]), blocks)
+    return _Problem(x, segments, log_p, log_q, coef, st)
 
 
 def badmm_log_plan(
@@ -95,7 +415,9 @@ def badmm_log_plan(
     log_p: Tensor,
     log_q: Tensor,
     memory_efficient: bool = True,
-    scores: Optional[Sequence[Callable[[Tensor], Tensor]]] = None,
+    structure: Optional[Structure] = None,
+    gw: Optional[Tensor] = None,
+    quadratic: bool = False,
 ) -> Tensor:
     r"""Solves, for every set :math:`b` of the batch, the unbalanced OT problem
 
@@ -105,57 +427,32 @@ def badmm_log_plan(
         + \lambda_p \operatorname{KL}(T^\top \mathbf{1} \,\|\, p_b)
         + \lambda_q \operatorname{KL}(T \mathbf{1} \,\|\, q_b)
 
-    by ``K = eps.numel()`` Bregman ADMM iterations (:func:`badmm_step`) from
+    (spec §3) or, with :obj:`quadratic`, the same with :math:`\frac{\varepsilon}{2} \|T\|_F^2` in place of
+    the entropy (BADMM-Q, spec §7), by ``K = eps.numel()`` Bregman ADMM iterations (see the module) from
     :math:`\log T = \log S = \log q_n + \log p_d`, :math:`Z = 0`, and returns :math:`\log S` of shape
-    ``(N, D)``, whose dimension marginal is exact at every iteration.
+    ``(N, D)``, whose dimension marginal is exact at every iteration. With :obj:`structure` and :obj:`gw`
+    (:math:`\gamma`), the problem gains :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle` (spec §6).
 
-    ``eps``, ``lam_p``, ``lam_q`` and ``rho`` are 1-D tensors of length ``K``: iteration ``k`` uses
-    entry ``k``. ``eps = 0`` is allowed (unregularised UOT, e.g. max pooling).
+    ``eps``, ``lam_p``, ``lam_q``, ``rho`` and ``gw`` are 1-D tensors of length ``K``: iteration ``k``
+    uses entry ``k``. ``eps = 0`` is allowed (unregularised UOT, e.g. max pooling).
 
-    With :obj:`memory_efficient`, the iterations are checkpointed: the backward keeps the state
-    ``(log S, Z)``, ``2 N D`` values, entering each iteration (:func:`_checkpoint_stride`) and recomputes
-    the rest. :obj:`scores`, one per iteration, are the extra scores of :func:`badmm_step`.
+    With :obj:`memory_efficient`, the iterations run in place on four ``(N, D)`` buffers and the backward is
+    the hand-derived adjoint of :class:`_BADMMIterations`, which keeps ``2 (K / L + L - 2) N D`` values,
+    ``L = ceil(sqrt(K))`` (:func:`_checkpoint_stride`), and recomputes the rest. :obj:`False`
+    backpropagates through :func:`badmm_step` with plain autograd (``O(K N D)`` memory, double backward).
+    Without gradients, the iterations run in place either way.
     """
-    log_s = log_q.unsqueeze(-1) + segments.gather(log_p)
-    dual = torch.zeros_like(log_s)
-    num_iters = eps.numel()
-    values = (eps, lam_p, lam_q, rho)
-    scores = [None] * num_iters if scores is None else scores
-    if not (memory_efficient and torch.is_grad_enabled()):
-        return _iterate(x, segments, log_s, dual, values, log_p, log_q, 0, num_iters, False, scores)[0]
-    stride = _checkpoint_stride(num_iters)
-    for start in range(0, num_iters, stride):
-        stop = min(start + stride, num_iters)
-        if stop - start == 1:
-            args = (x, segments, log_s, dual, *(v[start] for v in values), log_p, log_q)
-            log_s, dual = checkpoint(badmm_step, *args, score=scores[start], use_reentrant=False)
-        else:  # its backward recomputes the segment, keeping the state entering each of its iterations
-            log_s, dual = checkpoint(_iterate, x, segments, log_s, dual, values, log_p, log_q, start, stop,
-                                     True, scores, use_reentrant=False)
-    return log_s
-
-
-def _checkpoint_stride(num_iters: int) -> int:
-    r"""How many iterations one outer checkpoint spans.
-
-    Checkpointing every iteration keeps ``2 N D`` values per iteration, ``2 K N D`` in all. Segments of
-    ``L`` iterations, each recomputed once more in the backward with its iterations checkpointed, keep
-    ``2 (K / L + L) N D``, least at ``L = sqrt(K)``; that saves memory only beyond ``K = 4``, so up to
-    there every iteration is its own checkpoint (and nothing is computed three times).
-    """
-    return 1 if num_iters <= 4 else math.ceil(math.sqrt(num_iters))
-
-
-def _iterate(x: Tensor, segments: Segments, log_s: Tensor, dual: Tensor,
-             values: Tuple[Tensor, Tensor, Tensor, Tensor], log_p: Tensor,
-             log_q: Tensor, start: int, stop: int, lean: bool,
-             scores: Sequence[Optional[Callable[[Tensor], Tensor]]]) -> Tuple[Tensor, Tensor]:
-    r"""Iterations ``start`` to ``stop - 1`` from ``(log S, Z)``; each checkpointed if :obj:`lean`."""
-    for k in range(start, stop):
-        args = (x, segments, log_s, dual, *(v[k] for v in values), log_p,
-                log_q)
-        if lean:
-            log_s, dual = checkpoint(badmm_step, *args, score=scores[k], use_reentrant=False)
-        else:
-            log_s, dual = badmm_step(*args, score=scores[k])
-    return log_s, dual
+    coef = badmm_coefficients(eps, lam_p, lam_q, rho, gw if structure is not None else None, quadratic)
+    prob = _Problem(x, segments, log_p, log_q, coef, structure)
+    st_tensors = [] if structure is None else [*structure.x_node, *structure.gram]
+    inputs = [x, log_p, log_q, *(c for c in coef if c is not None), *st_tensors]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        with torch.no_grad():
+            return _iterate(prob)[0]
+    if not memory_efficient:
+        log_s, dual = _initial_state(prob)
+        for k in range(coef.rho.numel()):
+            log_s, dual = badmm_step(prob, k, log_s, dual)
+        return log_s
+    blocks = None if structure is None else structure.blocks
+    return _BADMMIterations.apply(x, segments, blocks, log_p, log_q, *coef, *st_tensors)
