@@ -88,10 +88,14 @@ class _Problem(NamedTuple):
         return out
 
 
-def _initial_state(prob: _Problem) -> Tuple[Tensor, Tensor]:
-    r"""``(log S, Z)`` entering the first iteration: :math:`\log q_n + \log p_d` and 0."""
-    log_s = prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
-    return log_s, torch.zeros_like(log_s)
+def _initial_state(prob: _Problem, out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    r"""``(log S, Z)`` entering the first iteration, :math:`\log q_n + \log p_d` and 0 (into :obj:`out`)."""
+    if out is None:
+        log_s = prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
+        return log_s, torch.zeros_like(log_s)
+    log_s, dual = out
+    torch.index_select(prob.log_p, 0, prob.segments.index, out=log_s).add_(prob.log_q.unsqueeze(-1))
+    return log_s, dual.zero_()
 
 
 def _uncapped(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
@@ -191,11 +195,15 @@ def _checkpoint_stride(num_iters: int) -> int:
 
 def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
     r"""All iterations in place from the initial state; returns :math:`\log S` and, if :obj:`stride`,
-    the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``."""
-    log_s, dual = _initial_state(prob)
+    the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The dual and the two
+    scratch buffers are one allocation, large enough for glibc to map it apart from its heap, so that
+    freeing it returns the memory instead of leaving a hole in the heap."""
     num_iters = prob.coef.rho.numel()
-    plan = log_s.exp() if prob.coef.linear else torch.empty_like(log_s)
-    work = torch.empty_like(log_s)
+    log_s = torch.empty_like(prob.x)
+    dual, work, plan = log_s.new_empty((3, *log_s.shape)).unbind(0)
+    _initial_state(prob, (log_s, dual))
+    if prob.coef.linear:
+        torch.exp(log_s, out=plan)
     kept = None
     if stride:
         kept = log_s.new_empty((math.ceil(num_iters / stride) - 1, 2, *log_s.shape))
@@ -205,6 +213,14 @@ def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Optional[Tensor]]
             kept[k // stride - 1, 1].copy_(dual)
         _step_(prob, k, log_s, dual, work, plan)
     return log_s, kept
+
+
+class _Workspace:
+    r"""The ``(N, D)`` buffers of the backward, carved from one allocation (see :func:`_iterate`): the
+    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write."""
+    def __init__(self, like: Tensor) -> None:
+        (self.grad_log_s, self.grad_dual, self.g, self.e_t, self.e_s, self.plan_t,
+         self.plan_s) = like.new_empty((7, *like.shape)).unbind(0)
 
 
 class _Internals(NamedTuple):
@@ -225,25 +241,29 @@ class _Internals(NamedTuple):
     col_factor: Tensor  # S' = e_s * col_factor[index]
 
 
-def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Tensor) -> _Internals:
+def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Tensor, ws: _Workspace) -> _Internals:
+    r"""Iteration :obj:`k` of :func:`badmm_step` from its state, into :obj:`ws` (its ``plan_t`` is scratch)."""
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
     plan_in = log_s.exp() if coef.linear else None
-    g = prob.x - dual
+    g = torch.sub(prob.x, dual, out=ws.g)
     if coef.linear:
         g.add_(prob.linear(k, plan_in))
     g.div_(rho).add_(log_s)
     shift_r = _row_shift(g)
-    e_t = (g - shift_r).exp_()
+    e_t = torch.sub(g, shift_r, out=ws.e_t).exp_()
     row_total = e_t.sum(dim=-1, keepdim=True)
     log_r = row_total.log() + shift_r
     eta = _uncapped(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
     log_eta = eta.clamp(max=MAX_LOG_MASS)
     row_factor = (log_eta - row_total.log()).exp_()
-    h = (g + (log_eta - log_r)).mul_(rho).add_(dual)
+    h = torch.add(g, log_eta - log_r, out=ws.e_s).mul_(rho).add_(dual)
     if coef.linear:
         h.add_(prob.linear(k, e_t * row_factor))
-    e_s, col_total, shift_c = segment_exp(h.mul_(coef.scale[k]), segments)
+    h.mul_(coef.scale[k])
+    shift_c = segment_max(h, segments)
+    e_s = h.sub_(torch.index_select(shift_c, 0, segments.index, out=ws.plan_t)).exp_()
+    col_total = segment_sum(e_s, segments).clamp_min_(torch.finfo(h.dtype).tiny)
     log_c = col_total.log() + shift_c
     mu = _uncapped(log_c, coef.h_p[k], prob.log_p)
     log_mu = mu.clamp(max=MAX_LOG_MASS)
@@ -286,71 +306,69 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _Internals, grad_log_s: Tensor,
-                  grad_dual: Tensor, grads: _Grads) -> Tuple[Tensor, Tensor]:
-    r"""Backpropagates the gradients w.r.t. the state leaving iteration :obj:`k` to the state entering it,
-    adding those w.r.t. the data, priors and coefficients into :obj:`grads`. The steps below run the
-    iteration backwards, each line the adjoint of one line of :func:`badmm_step`."""
+def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _Internals, ws: _Workspace,
+                  grads: _Grads) -> None:
+    r"""Backpropagates the gradients w.r.t. the state leaving iteration :obj:`k` (``ws.grad_log_s`` and
+    ``ws.grad_dual``) to the state entering it, in place, and adds those w.r.t. the data, priors and
+    coefficients into :obj:`grads`. The steps run :func:`badmm_step` backwards, block 2 first."""
     coef, segments, gc = prob.coef, prob.segments, grads.coef
     rho, scale, h_q, h_p = coef.rho[k], coef.scale[k], coef.h_q[k], coef.h_p[k]
     log_s, dual = state
-    plan_t = inner.e_t * inner.row_factor
-    plan_s = inner.e_s * segments.gather(inner.col_factor)
+    grad_log_s, grad_dual = ws.grad_log_s, ws.grad_dual
+    plan_t = torch.mul(inner.e_t, inner.row_factor, out=ws.plan_t)
+    plan_s = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
     # Z' = Z + rho (T - S'), and S' = exp(log S').
     gc.rho[k] += _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
-    grad_h = grad_log_s - plan_s.mul_(grad_dual).mul_(rho)
-    del plan_s
+    grad_h = plan_s.mul_(grad_dual).mul_(-rho).add_(grad_log_s)  # S' is not read again
     # log S' = H - log c + log mu, log mu = (1 - h_p) log c + h_p log p, log c = LSE_{n in b} H.
     col = segment_sum(grad_h, segments)
     pre_p = col * inner.mu_free
     gc.h_p[k] += (pre_p * (prob.log_p - inner.log_c)).sum()
     grads.log_p.add_(h_p * pre_p)
-    grad_h.addcmul_(inner.e_s, segments.gather(((1 - h_p) * pre_p - col) / inner.col_total))
+    col_grad = ((1 - h_p) * pre_p - col) / inner.col_total
+    grad_h.addcmul_(inner.e_s, torch.index_select(col_grad, 0, segments.index, out=grad_log_s))
     # H = beta (Z + L(T) + rho log T), log T = G - log r + log eta.
-    shift_t = inner.log_eta - inner.log_r
-    dot_log_t = _dot(grad_h, inner.g) + (grad_h.sum(dim=-1, keepdim=True) * shift_t).sum()
+    dot_log_t = _dot(grad_h, inner.g) + (grad_h.sum(dim=-1, keepdim=True) * (inner.log_eta - inner.log_r)).sum()
     gc.scale[k] += _dot(grad_h, dual) + rho * dot_log_t
     gc.rho[k] += dot_log_t * scale
-    grad_t = rho * grad_dual
     if coef.linear:
         linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale)
         gc.scale[k] += linear_dot
-        grad_t.addcmul_(linear_grad, scale)
+        grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
+    else:
+        grad_log_t = plan_t.mul_(grad_dual).mul_(rho)  # the gradient w.r.t. T, times T
     grad_h.mul_(scale)  # now the gradient w.r.t. Z + L(T) + rho log T
-    grad_dual = grad_dual + grad_h
-    grad_log_t = grad_t.mul_(plan_t).addcmul_(grad_h, rho)
-    del plan_t
+    grad_dual.add_(grad_h)
+    grad_log_t.addcmul_(grad_h, rho)
     # log eta = (1 - h_q) log r + h_q log q, log r = LSE_d G.
     row = grad_log_t.sum(dim=-1, keepdim=True)
     pre_q = row * inner.eta_free
     gc.h_q[k] += (pre_q * (prob.log_q.unsqueeze(-1) - inner.log_r)).sum()
     grads.log_q.add_(h_q * pre_q.squeeze(-1))
     grad_g = grad_log_t.addcmul_(inner.e_t, ((1 - h_q) * pre_q - row) / inner.row_total)
-    # G = log S + (X + L(S) - Z) / rho.
-    grad_score = grad_g / rho
-    gc.rho[k] -= _dot(grad_score, inner.g) - _dot(grad_score, log_s)
-    grads.x.add_(grad_score)
-    grad_dual.sub_(grad_score)
+    # G = log S + (X + L(S) - Z) / rho: the gradient w.r.t. the score X + L(S) is grad_g / rho.
+    gc.rho[k] -= (_dot(grad_g, inner.g) - _dot(grad_g, log_s)) / rho
+    grads.x.addcdiv_(grad_g, rho)
+    grad_dual.addcdiv_(grad_g, rho, value=-1)
     if coef.linear:
-        linear_grad, _ = grads.linear(prob, k, inner.plan_in, grad_score, torch.ones_like(rho))
-        grad_g.addcmul_(linear_grad, inner.plan_in)
-    return grad_g, grad_dual
+        linear_grad, _ = grads.linear(prob, k, inner.plan_in, grad_g, rho.reciprocal())
+        grad_g.addcmul_(linear_grad.div_(rho), inner.plan_in)
+    ws.grad_log_s, ws.plan_t = grad_g, grad_log_s  # the gradient moved into the slot of T
 
 
-def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Tensor],
-                 span: Tensor) -> List[Tuple[Tensor, Tensor]]:
+def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Tensor], span: Tensor,
+                 ws: _Workspace) -> List[Tuple[Tensor, Tensor]]:
     r"""The states entering iterations ``start`` to ``stop - 1``, from the first of them: the others are
-    recomputed in place into the slots of :obj:`span` ``(L - 1, 2, N, D)``."""
+    recomputed in place into the slots of :obj:`span` ``(L - 1, 2, N, D)``, with two slots of :obj:`ws`
+    (free between adjoint steps) as scratch."""
     states = [first]
-    work = torch.empty_like(first[0])
-    plan = torch.empty_like(first[0])
     for k in range(start, stop - 1):
         log_s, dual = span[k - start]
         log_s.copy_(states[-1][0])
         dual.copy_(states[-1][1])
         if prob.coef.linear:
-            torch.exp(log_s, out=plan)
-        _step_(prob, k, log_s, dual, work, plan)
+            torch.exp(log_s, out=ws.plan_s)
+        _step_(prob, k, log_s, dual, ws.plan_t, ws.plan_s)
         states.append((log_s, dual))
     return states
 
@@ -358,11 +376,11 @@ def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Ten
 class _BADMMIterations(torch.autograd.Function):
     r"""The ``K`` iterations of :func:`badmm_step` with a hand-derived adjoint (:func:`_adjoint_step`).
 
-    The forward runs in place on four ``(N, D)`` buffers and keeps the states entering iterations
-    ``L, 2 L, ...`` (:func:`_checkpoint_stride`); the backward walks the spans of ``L`` iterations from
-    the last, recomputes the states inside a span into one buffer allocated once, and for each iteration,
-    from its state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`). Differentiable once
-    (no double backward).
+    The forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``
+    (:func:`_checkpoint_stride`); the backward walks the spans of ``L`` iterations from the last,
+    recomputes the states inside a span into one buffer allocated once, and for each iteration, from its
+    state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`), all in the seven buffers of
+    one :class:`_Workspace`. Differentiable once (no double backward).
     """
     @staticmethod
     def forward(ctx: Any, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
@@ -381,17 +399,20 @@ class _BADMMIterations(torch.autograd.Function):
         grads = _Grads(prob)
         stride, num_iters = ctx.stride, prob.coef.rho.numel()
         span = x.new_empty((min(stride, num_iters) - 1, 2, *x.shape))
-        grad_log_s, grad_dual = grad_out.clone(), torch.zeros_like(x)
+        ws = _Workspace(x)
+        ws.grad_log_s.copy_(grad_out)
+        ws.grad_dual.zero_()
         for start in reversed(range(0, num_iters, stride)):
-            first = _initial_state(prob) if start == 0 else tuple(kept[start // stride - 1])
-            states = _span_states(prob, start, min(start + stride, num_iters), first, span)
+            # The initial state takes the slot of the first kept one, whose span is done.
+            first = tuple(kept[max(start // stride - 1, 0)]) if kept.numel() else None
+            first = _initial_state(prob, first) if start == 0 else first
+            states = _span_states(prob, start, min(start + stride, num_iters), first, span, ws)
             for k in reversed(range(start, start + len(states))):
                 state = states[k - start]
-                inner = _recompute(prob, k, *state)
-                grad_log_s, grad_dual = _adjoint_step(prob, k, state, inner, grad_log_s, grad_dual, grads)
+                _adjoint_step(prob, k, state, _recompute(prob, k, *state, ws), ws, grads)
         # The initial state log S = log q + log p.
-        grads.log_q.add_(grad_log_s.sum(dim=-1))
-        grads.log_p.add_(segment_sum(grad_log_s, prob.segments))
+        grads.log_q.add_(ws.grad_log_s.sum(dim=-1))
+        grads.log_p.add_(segment_sum(ws.grad_log_s, prob.segments))
         return (grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
 
 
