@@ -35,6 +35,10 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                 badmm=dict(eps=0.0, lam_p=INF, lam_q=0.0, rho=1.0,
                            num_iters=50)),
 }
+# BADMM-Q at eps = 0 is BADMM at eps = 0 (spec §7), so the presets that set eps = 0 carry over. Its
+# softmax limit is not softmax pooling (a quadratic regulariser gives sparse plans), so it has none.
+PRESETS['mean']['badmm_q'] = PRESETS['mean']['badmm']
+PRESETS['max']['badmm_q'] = PRESETS['max']['badmm']
 PRESETS['sum'] = {k: dict(v, prior='counting') for k, v in PRESETS['mean'].items()}
 PRESETS['attention'] = {k: dict(v, prior='attention') for k, v in PRESETS['mean'].items()}
 
@@ -74,10 +78,12 @@ class UOTAggregation(Aggregation):
     the feature axis (the last one).
 
     Args:
-        solver (str): ``"sinkhorn"`` or ``"badmm"``. (default: ``"sinkhorn"``)
+        solver (str): ``"sinkhorn"``, ``"badmm"`` or ``"badmm_q"`` (the quadratic regulariser
+            :math:`\frac{\varepsilon}{2} \|T\|_F^2` in place of the entropy, spec §7).
+            (default: ``"sinkhorn"``)
         num_iters (int): The number of unrolled solver iterations ``K``. (default: ``4``)
         eps (float): Initial entropic regularisation :math:`\varepsilon` (``> 0`` for Sinkhorn,
-            ``>= 0`` for BADMM). (default: ``1.0``)
+            ``>= 0`` for the BADMMs). (default: ``1.0``)
         lam_p (float): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). The default
             keeps the dimension marginal hard, so the pooled mass stays 1 and supervised training
             starts stably: with the paper's :math:`\lambda_p = 1` the mass grows like
@@ -87,7 +93,7 @@ class UOTAggregation(Aggregation):
         lam_q (float): Initial :math:`\lambda_q \geq 0`. (default: ``1.0``)
         rho (float): Initial BADMM step :math:`\rho > 0`. (default: ``1.0``)
         learn (bool): If :obj:`True`, the finite, positive values among :obj:`eps`, :obj:`lam_p`,
-            :obj:`lam_q` (and :obj:`rho` for BADMM, :obj:`gw` and :obj:`prox` where given) are
+            :obj:`lam_q` (and :obj:`rho` for the BADMMs, :obj:`gw` and :obj:`prox` where given) are
             learned, kept positive by a softplus;
             ``0`` and ``inf`` stay fixed. (default: :obj:`True`)
         per_iteration (bool): If :obj:`True`, each iteration has its own values. (default: :obj:`False`)
@@ -151,7 +157,7 @@ class UOTAggregation(Aggregation):
         self.inner_iters = inner_iters
         self.init_values = dict(eps=float(eps), lam_p=float(lam_p),
                                 lam_q=float(lam_q))
-        if solver == 'badmm':
+        if solver != 'sinkhorn':
             self.init_values['rho'] = float(rho)
         if gw != 0:  # gw = 0 adds nothing, so the layer and its state stay those of UOT-Pooling
             self.init_values['gw'] = float(gw)
@@ -203,6 +209,9 @@ class UOTAggregation(Aggregation):
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver '{solver}' (expected one of "
                              f"{list(SOLVERS)})")
+        if solver not in PRESETS[name]:
+            raise ValueError(f"The preset '{name}' has no setting for solver='{solver}' (it has "
+                             f"{sorted(PRESETS[name])})")
         kwargs: Dict[str, Any] = dict(solver=solver, learn=False)
         kwargs.update(PRESETS[name][solver])
         if name == 'softmax':

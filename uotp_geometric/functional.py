@@ -30,7 +30,7 @@ from uotp_geometric.solvers.common import pool_log_plan
 
 __all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
 
-SOLVERS = ('sinkhorn', 'badmm')
+SOLVERS = ('sinkhorn', 'badmm', 'badmm_q')
 Value = Union[float, Sequence[float], Tensor]
 
 
@@ -140,10 +140,12 @@ def _run_solver(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
                 num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
                 log_q: Optional[Tensor], memory_efficient: bool,
                 gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4,
-                pool: bool = False) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
+                pool: bool = False, sort_rows: Optional[bool] = None
+                ) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
     r"""Returns the log-plan (with :obj:`pool`, the pooled output instead), the features and sets it
     was solved on, and the row permutation applied to them (``None`` where the rows kept their
-    order)."""
+    order). :obj:`sort_rows` groups the rows by set and reduces with :func:`torch.segment_reduce`
+    (default: on accelerators only, where it is faster; the CPU tests force it to cover that path)."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver '{solver}' (expected one of "
                          f"{list(SOLVERS)})")
@@ -170,7 +172,7 @@ def _run_solver(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
     else:
         log_q = log_q.to(x.dtype)
     perm = None
-    if x.device.type != 'cpu':
+    if x.device.type != 'cpu' if sort_rows is None else sort_rows:
         # Rows grouped by set let every reduction run as a segment reduction instead of atomics.
         perm, segments = sorted_segments(index, num_sets)
         x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
@@ -202,7 +204,8 @@ def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
     else:
         rho_k = _schedule('rho', rho, num_iters, x, positive=True)
         log_plan = badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k,
-                                  log_p, log_q, memory_efficient)
+                                  log_p, log_q, memory_efficient,
+                                  quadratic=solver == 'badmm_q')
     return pool_log_plan(x, log_plan, segments) if pool else log_plan
 
 
@@ -222,7 +225,8 @@ def _solve_structured(x: Tensor, segments: Segments, solver: str,
                                      memory_efficient)
     rho_k = _schedule('rho', rho, num_iters, x, positive=True)
     return rot_badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k,
-                              gw_k, log_p, log_q, memory_efficient)
+                              gw_k, log_p, log_q, memory_efficient,
+                              quadratic=solver == 'badmm_q')
 
 
 def uot_plan(
@@ -251,9 +255,11 @@ def uot_plan(
         index (Tensor): The set of each node, shape ``(N,)``; need not be sorted.
         dim_size (int, optional): The number of sets ``B`` (default: ``index.max() + 1``). Sets
             without nodes are allowed.
-        solver (str): ``"sinkhorn"`` (spec §2) or ``"badmm"`` (Bregman ADMM, spec §3).
-        eps (float or Tensor): Entropic regularisation :math:`\varepsilon`; ``> 0`` for Sinkhorn,
-            ``>= 0`` for BADMM; ``inf`` is allowed with Sinkhorn.
+        solver (str): ``"sinkhorn"`` (spec §2), ``"badmm"`` (Bregman ADMM, spec §3) or
+            ``"badmm_q"`` (Bregman ADMM for the quadratic regulariser
+            :math:`\frac{\varepsilon}{2} \|T\|_F^2` in place of the entropy, spec §7).
+        eps (float or Tensor): Regularisation :math:`\varepsilon`; ``> 0`` for Sinkhorn,
+            ``>= 0`` for BADMM and BADMM-Q; ``inf`` is allowed with Sinkhorn.
         lam_p (float or Tensor): :math:`\lambda_p \geq 0`, weight of the dimension marginal;
             ``inf`` makes it hard, ``0`` free.
         lam_q (float or Tensor): :math:`\lambda_q \geq 0`, weight of the node marginal.
@@ -265,12 +271,14 @@ def uot_plan(
             log-softmax, it keeps gradients finite where :math:`q` underflows.
         memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration's
             ``(N, D)`` work instead of storing it, so training memory hardly grows with ``K``
-            (spec §5). :obj:`False` backpropagates through the unrolled iterations with plain
-            autograd, which also supports double backward.
+            (spec §5): Sinkhorn keeps ``O(N D + K (B D + N))``, the BADMMs every
+            ``ceil(sqrt(K))``-th state, ``O(sqrt(K) N D)``. :obj:`False` backpropagates
+            through the unrolled iterations with plain autograd, which also supports double
+            backward.
         gw (float or Tensor): :math:`\gamma \geq 0`, the weight of ROT-Pooling's structure term
             :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle` (spec §6). ``0`` (not learned)
             runs the solvers of spec §1 unchanged; otherwise Sinkhorn becomes proximal Sinkhorn with
-            ``K`` outer steps and BADMM gains the term in its two blocks
+            ``K`` outer steps and BADMM (and BADMM-Q) gains the term in its two blocks
             (:mod:`uotp_geometric.solvers.rot`).
         prox (float or Tensor): Proximal weight :math:`\tau \geq 0` of proximal Sinkhorn (used only
             with ``gw`` and Sinkhorn).
@@ -286,11 +294,16 @@ def uot_plan(
     log_plan, _, _, perm = _run_solver(x, index, dim_size, solver, eps, lam_p,
                                        lam_q, rho, num_iters, p, q, log_q,
                                        memory_efficient, gw, prox, inner_iters)
+    return _unpermute(log_plan, perm).exp()
+
+
+def _unpermute(rows: Tensor, perm: Optional[Tensor]) -> Tensor:
+    r"""The rows of a solve in the order of the input (:func:`_run_solver` may have grouped them)."""
     if perm is None:
-        return log_plan.exp()
+        return rows
     inverse = torch.empty_like(perm).scatter_(
         0, perm, torch.arange(perm.numel(), device=perm.device))
-    return log_plan.index_select(0, inverse).exp()
+    return rows.index_select(0, inverse)
 
 
 def uot_pool(

@@ -9,16 +9,18 @@ from tests.uotp_geometric.helpers import pot_plan, ragged_batch
 SIZES = [2, 5, 9, 20, 3]
 
 
-@pytest.mark.parametrize('eps,lam_p,lam_q', [(1, 1, 1), (0.5, 2, 0.3),
-                                             (2, 0.5, 5)])
-def test_matches_pot(eps, lam_p, lam_q):
+@pytest.mark.parametrize('eps,lam_p,lam_q,rho,num_iters', [(1, 1, 1, 1.0, 8000), (0.5, 2, 0.3, 30.0, 20000),
+                                                             (2, 0.5, 5, 1.0, 5000)])
+def test_matches_pot(eps, lam_p, lam_q, rho, num_iters):
+    # BADMM converges linearly, at a rate that depends on rho: each case runs until its error is
+    # ~1e-9 relative or less (the second, with a small lam_q, needs a large step).
     x, index = ragged_batch(SIZES, 5, shuffle=True, seed=7)
     plan = uot_plan(x, index, solver='badmm', eps=eps, lam_p=lam_p,
-                    lam_q=lam_q, rho=1.0, num_iters=20000)
+                    lam_q=lam_q, rho=rho, num_iters=num_iters)
     for b in range(len(SIZES)):
         expected = pot_plan(x[index == b], eps, lam_p, lam_q)
         np.testing.assert_allclose(plan[index == b].numpy(), expected,
-                                   rtol=0, atol=1e-4)
+                                   rtol=1e-7, atol=0)
 
 
 def test_marginal_penalties_act():
@@ -69,3 +71,33 @@ def test_segmented_checkpoints_give_autograd_gradients(num_iters):
     for lean, plain in zip(*grads):
         assert plain.abs().max() > 0
         torch.testing.assert_close(lean, plain, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('solver', ['badmm', 'badmm_q'])
+@pytest.mark.parametrize('gw', [0.0, 0.4])
+@pytest.mark.parametrize('num_iters', [1, 4, 10])
+def test_adjoint_equals_autograd(solver, gw, num_iters):
+    # Every value per iteration and learned, a (B, D) dimension prior and a log node prior, empty sets
+    # and a single-node set; K = 10 runs as spans of 4, 4 and 2 iterations.
+    x, index = ragged_batch([4, 0, 9, 1, 6], 5, shuffle=True, seed=12)
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(x=x, p=torch.rand(5, 5, generator=gen, dtype=x.dtype) + 0.1,
+                  log_q=torch.randn(x.size(0), generator=gen, dtype=x.dtype),
+                  eps=torch.linspace(0.4, 1.3, num_iters, dtype=x.dtype),
+                  lam_p=torch.linspace(2.0, 0.5, num_iters, dtype=x.dtype),
+                  lam_q=torch.linspace(0.7, 3.0, num_iters, dtype=x.dtype),
+                  rho=torch.linspace(0.8, 1.5, num_iters, dtype=x.dtype))
+    if gw:
+        inputs['gw'] = torch.linspace(gw, gw / 4, num_iters, dtype=x.dtype)
+    weight = torch.randn(5, 5, generator=gen, dtype=x.dtype)
+    grads = []
+    for memory_efficient in (True, False):
+        leaves = {name: t.clone().requires_grad_(True) for name, t in inputs.items()}
+        out = uot_pool(index=index, dim_size=5, solver=solver, num_iters=num_iters,
+                       memory_efficient=memory_efficient, **leaves)
+        (out * weight).sum().backward()
+        grads.append({name: t.grad for name, t in leaves.items()})
+    for name, plain in grads[1].items():
+        assert plain.abs().max() > 0, name
+        torch.testing.assert_close(grads[0][name], plain, rtol=0, atol=1e-10 * plain.abs().max().item(),
+                                   msg=name)
