@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_exp, segment_max, segment_sum
-from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness
+from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness, pool_log_plan
 from uotp_geometric.solvers.structure import (SetBlocks, Structure, structure_product,
                                               structure_product_vjp)
 
@@ -88,14 +88,9 @@ class _Problem(NamedTuple):
         return out
 
 
-def _initial_state(prob: _Problem, out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-    r"""``(log S, Z)`` entering the first iteration, :math:`\log q_n + \log p_d` and 0 (into :obj:`out`)."""
-    if out is None:
-        log_s = prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
-        return log_s, torch.zeros_like(log_s)
-    log_s, dual = out
-    torch.index_select(prob.log_p, 0, prob.segments.index, out=log_s).add_(prob.log_q.unsqueeze(-1))
-    return log_s, dual.zero_()
+def _initial_log_s(prob: _Problem) -> Tensor:
+    r""":math:`\log S` entering the first iteration, :math:`\log q_n + \log p_d` (its dual is 0)."""
+    return prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
 
 
 def _uncapped(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
@@ -193,15 +188,15 @@ def _checkpoint_stride(num_iters: int) -> int:
     return max(1, math.ceil(math.sqrt(num_iters)))
 
 
-def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""All iterations in place from the initial state; returns :math:`\log S` and, if :obj:`stride`,
-    the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The dual and the two
+def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    r"""All iterations in place from the initial state; returns :math:`\log S`, :math:`S` and, if
+    :obj:`stride`, the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The dual and the two
     scratch buffers are one allocation, large enough for glibc to map it apart from its heap, so that
     freeing it returns the memory instead of leaving a hole in the heap."""
     num_iters = prob.coef.rho.numel()
-    log_s = torch.empty_like(prob.x)
+    log_s = _initial_log_s(prob)
     dual, work, plan = log_s.new_empty((3, *log_s.shape)).unbind(0)
-    _initial_state(prob, (log_s, dual))
+    dual.zero_()
     if prob.coef.linear:
         torch.exp(log_s, out=plan)
     kept = None
@@ -212,7 +207,12 @@ def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Optional[Tensor]]
             kept[k // stride - 1, 0].copy_(log_s)
             kept[k // stride - 1, 1].copy_(dual)
         _step_(prob, k, log_s, dual, work, plan)
-    return log_s, kept
+    return log_s, plan, kept
+
+
+def _pool_(prob: _Problem, plan: Tensor) -> Tensor:
+    r"""The pooled vectors :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, overwriting :obj:`plan`."""
+    return segment_sum(plan.mul_(prob.x), prob.segments).mul_(prob.x.size(-1))
 
 
 class _Workspace:
@@ -241,12 +241,13 @@ class _Internals(NamedTuple):
     col_factor: Tensor  # S' = e_s * col_factor[index]
 
 
-def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Tensor, ws: _Workspace) -> _Internals:
-    r"""Iteration :obj:`k` of :func:`badmm_step` from its state, into :obj:`ws` (its ``plan_t`` is scratch)."""
+def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace) -> _Internals:
+    r"""Iteration :obj:`k` of :func:`badmm_step` from its state (``dual = None`` for zero), into :obj:`ws`
+    (its ``plan_t`` is scratch)."""
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
     plan_in = log_s.exp() if coef.linear else None
-    g = torch.sub(prob.x, dual, out=ws.g)
+    g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
     if coef.linear:
         g.add_(prob.linear(k, plan_in))
     g.div_(rho).add_(log_s)
@@ -257,7 +258,9 @@ def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Tensor, ws: _Workspa
     eta = _uncapped(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
     log_eta = eta.clamp(max=MAX_LOG_MASS)
     row_factor = (log_eta - row_total.log()).exp_()
-    h = torch.add(g, log_eta - log_r, out=ws.e_s).mul_(rho).add_(dual)
+    h = torch.add(g, log_eta - log_r, out=ws.e_s).mul_(rho)
+    if dual is not None:
+        h.add_(dual)
     if coef.linear:
         h.add_(prob.linear(k, e_t * row_factor))
     h.mul_(coef.scale[k])
@@ -306,7 +309,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _Internals, ws: _Workspace,
+def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Optional[Tensor]], inner: _Internals, ws: _Workspace,
                   grads: _Grads) -> None:
     r"""Backpropagates the gradients w.r.t. the state leaving iteration :obj:`k` (``ws.grad_log_s`` and
     ``ws.grad_dual``) to the state entering it, in place, and adds those w.r.t. the data, priors and
@@ -329,7 +332,9 @@ def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _
     grad_h.addcmul_(inner.e_s, torch.index_select(col_grad, 0, segments.index, out=grad_log_s))
     # H = beta (Z + L(T) + rho log T), log T = G - log r + log eta.
     dot_log_t = _dot(grad_h, inner.g) + (grad_h.sum(dim=-1, keepdim=True) * (inner.log_eta - inner.log_r)).sum()
-    gc.scale[k] += _dot(grad_h, dual) + rho * dot_log_t
+    gc.scale[k] += rho * dot_log_t
+    if dual is not None:
+        gc.scale[k] += _dot(grad_h, dual)
     gc.rho[k] += dot_log_t * scale
     if coef.linear:
         linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale)
@@ -356,8 +361,19 @@ def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Tensor], inner: _
     ws.grad_log_s, ws.plan_t = grad_g, grad_log_s  # the gradient moved into the slot of T
 
 
-def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Tensor], span: Tensor,
-                 ws: _Workspace) -> List[Tuple[Tensor, Tensor]]:
+def _pool_adjoint(prob: _Problem, inner: _Internals, ws: _Workspace, grads: _Grads, grad_out: Tensor) -> None:
+    r"""The gradient of :func:`_pool_` w.r.t. :math:`x` (added into :obj:`grads`) and w.r.t. the last
+    :math:`\log S` (into ``ws.grad_log_s``), with that :math:`S` read from the last iteration's
+    :obj:`inner`: :math:`D g_b S_n` and :math:`D g_b x_n S_n`."""
+    segments = prob.segments
+    plan = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
+    grad = torch.index_select(grad_out, 0, segments.index, out=ws.grad_log_s).mul_(prob.x.size(-1))
+    grads.x.addcmul_(grad, plan)
+    grad.mul_(plan).mul_(prob.x)
+
+
+def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Optional[Tensor]], span: Tensor,
+                 ws: _Workspace) -> List[Tuple[Tensor, Optional[Tensor]]]:
     r"""The states entering iterations ``start`` to ``stop - 1``, from the first of them: the others are
     recomputed in place into the slots of :obj:`span` ``(L - 1, 2, N, D)``, with two slots of :obj:`ws`
     (free between adjoint steps) as scratch."""
@@ -365,7 +381,10 @@ def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Ten
     for k in range(start, stop - 1):
         log_s, dual = span[k - start]
         log_s.copy_(states[-1][0])
-        dual.copy_(states[-1][1])
+        if states[-1][1] is None:
+            dual.zero_()
+        else:
+            dual.copy_(states[-1][1])
         if prob.coef.linear:
             torch.exp(log_s, out=ws.plan_s)
         _step_(prob, k, log_s, dual, ws.plan_t, ws.plan_s)
@@ -383,14 +402,14 @@ class _BADMMIterations(torch.autograd.Function):
     one :class:`_Workspace`. Differentiable once (no double backward).
     """
     @staticmethod
-    def forward(ctx: Any, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
+    def forward(ctx: Any, pool: bool, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
                 log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
         prob = _problem(x, segments, blocks, log_p, log_q, values)
         ctx.stride = _checkpoint_stride(prob.coef.rho.numel())
-        log_s, kept = _iterate(prob, ctx.stride)
-        ctx.segments, ctx.blocks = segments, blocks
+        log_s, plan, kept = _iterate(prob, ctx.stride)
+        ctx.pool, ctx.segments, ctx.blocks = pool, segments, blocks
         ctx.save_for_backward(x, log_p, log_q, kept, *values)
-        return log_s
+        return _pool_(prob, plan) if pool else log_s
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -400,20 +419,23 @@ class _BADMMIterations(torch.autograd.Function):
         stride, num_iters = ctx.stride, prob.coef.rho.numel()
         span = x.new_empty((min(stride, num_iters) - 1, 2, *x.shape))
         ws = _Workspace(x)
-        ws.grad_log_s.copy_(grad_out)
+        if not ctx.pool:
+            ws.grad_log_s.copy_(grad_out)
         ws.grad_dual.zero_()
         for start in reversed(range(0, num_iters, stride)):
-            # The initial state takes the slot of the first kept one, whose span is done.
-            first = tuple(kept[max(start // stride - 1, 0)]) if kept.numel() else None
-            first = _initial_state(prob, first) if start == 0 else first
+            # The initial dual is zero: None stands for it, so that it takes no memory.
+            first = (_initial_log_s(prob), None) if start == 0 else tuple(kept[start // stride - 1])
             states = _span_states(prob, start, min(start + stride, num_iters), first, span, ws)
             for k in reversed(range(start, start + len(states))):
                 state = states[k - start]
-                _adjoint_step(prob, k, state, _recompute(prob, k, *state, ws), ws, grads)
+                inner = _recompute(prob, k, *state, ws)
+                if ctx.pool and k == num_iters - 1:
+                    _pool_adjoint(prob, inner, ws, grads, grad_out)
+                _adjoint_step(prob, k, state, inner, ws, grads)
         # The initial state log S = log q + log p.
         grads.log_q.add_(ws.grad_log_s.sum(dim=-1))
         grads.log_p.add_(segment_sum(ws.grad_log_s, prob.segments))
-        return (grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
+        return (None, grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
 
 
 def _problem(x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor, log_q: Tensor,
@@ -463,17 +485,54 @@ def badmm_log_plan(
     backpropagates through :func:`badmm_step` with plain autograd (``O(K N D)`` memory, double backward).
     Without gradients, the iterations run in place either way.
     """
+    prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic)
+    return _solve(prob, memory_efficient, pool=False)
+
+
+def badmm_pool(
+    x: Tensor,
+    segments: Segments,
+    eps: Tensor,
+    lam_p: Tensor,
+    lam_q: Tensor,
+    rho: Tensor,
+    log_p: Tensor,
+    log_q: Tensor,
+    memory_efficient: bool = True,
+    structure: Optional[Structure] = None,
+    gw: Optional[Tensor] = None,
+    quadratic: bool = False,
+) -> Tensor:
+    r"""UOT-Pooling with the plan :math:`S` of :func:`badmm_log_plan` (same arguments):
+    :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, shape ``(B, D)``, read from the last :math:`S` of the
+    iterations; with :obj:`memory_efficient`, its backward is part of the adjoint, so no ``(N, D)`` plan
+    outlives the forward."""
+    prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic)
+    return _solve(prob, memory_efficient, pool=True)
+
+
+def _problem_of(x: Tensor, segments: Segments, eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor,
+                log_p: Tensor, log_q: Tensor, structure: Optional[Structure], gw: Optional[Tensor],
+                quadratic: bool) -> _Problem:
     coef = badmm_coefficients(eps, lam_p, lam_q, rho, gw if structure is not None else None, quadratic)
-    prob = _Problem(x, segments, log_p, log_q, coef, structure)
-    st_tensors = [] if structure is None else [*structure.x_node, *structure.gram]
-    inputs = [x, log_p, log_q, *(c for c in coef if c is not None), *st_tensors]
+    return _Problem(x, segments, log_p, log_q, coef, structure)
+
+
+def _solve(prob: _Problem, memory_efficient: bool, pool: bool) -> Tensor:
+    r"""Dispatch: in place without gradients, plain autograd, or :class:`_BADMMIterations`."""
+    st = prob.structure
+    st_tensors = [] if st is None else [*st.x_node, *st.gram]
+    inputs = [prob.x, prob.log_p, prob.log_q, *(c for c in prob.coef if c is not None), *st_tensors]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         with torch.no_grad():
-            return _iterate(prob)[0]
+            log_s, plan, _ = _iterate(prob)
+            return _pool_(prob, plan) if pool else log_s
     if not memory_efficient:
-        log_s, dual = _initial_state(prob)
-        for k in range(coef.rho.numel()):
+        log_s = _initial_log_s(prob)
+        dual = torch.zeros_like(log_s)
+        for k in range(prob.coef.rho.numel()):
             log_s, dual = badmm_step(prob, k, log_s, dual)
-        return log_s
-    blocks = None if structure is None else structure.blocks
-    return _BADMMIterations.apply(x, segments, blocks, log_p, log_q, *coef, *st_tensors)
+        return pool_log_plan(prob.x, log_s, prob.segments) if pool else log_s
+    blocks = None if st is None else st.blocks
+    return _BADMMIterations.apply(pool, prob.x, prob.segments, blocks, prob.log_p, prob.log_q, *prob.coef,
+                                  *st_tensors)
