@@ -23,7 +23,7 @@ from torch import Tensor
 
 from uotp_geometric.segment import (Segments, segment_count, segment_sum,
                                     sorted_segments)
-from uotp_geometric.solvers import (badmm_log_plan, badmm_pool, rot_badmm_log_plan,
+from uotp_geometric.solvers import (badmm_log_plan, rot_badmm_log_plan,
                                     rot_sinkhorn_log_plan, sinkhorn_log_plan,
                                     sinkhorn_pool)
 from uotp_geometric.solvers.common import pool_log_plan
@@ -204,9 +204,8 @@ def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
     else:
         rho_k = _schedule('rho', rho, num_iters, x, positive=True)
         # Pooled from the solver's last plan where asked: the pooling's backward is then part of its adjoint.
-        solve = badmm_pool if pool else badmm_log_plan
-        return solve(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p, log_q,
-                     memory_efficient, quadratic=solver == 'badmm_q')
+        return badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p, log_q,
+                              memory_efficient, quadratic=solver == 'badmm_q', pool=pool)
     return pool_log_plan(x, log_plan, segments) if pool else log_plan
 
 

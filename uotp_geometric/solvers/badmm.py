@@ -461,6 +461,7 @@ def badmm_log_plan(
     structure: Optional[Structure] = None,
     gw: Optional[Tensor] = None,
     quadratic: bool = False,
+    pool: bool = False,
 ) -> Tensor:
     r"""Solves, for every set :math:`b` of the batch, the unbalanced OT problem
 
@@ -484,31 +485,13 @@ def badmm_log_plan(
     ``L = ceil(sqrt(K))`` (:func:`_checkpoint_stride`), and recomputes the rest. :obj:`False`
     backpropagates through :func:`badmm_step` with plain autograd (``O(K N D)`` memory, double backward).
     Without gradients, the iterations run in place either way.
+
+    With :obj:`pool`, it returns the pooled vectors :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, shape
+    ``(B, D)``, instead, read from the last :math:`S`: the lean backward then runs the pooling's adjoint
+    itself, and no ``(N, D)`` plan outlives the forward.
     """
     prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic)
-    return _solve(prob, memory_efficient, pool=False)
-
-
-def badmm_pool(
-    x: Tensor,
-    segments: Segments,
-    eps: Tensor,
-    lam_p: Tensor,
-    lam_q: Tensor,
-    rho: Tensor,
-    log_p: Tensor,
-    log_q: Tensor,
-    memory_efficient: bool = True,
-    structure: Optional[Structure] = None,
-    gw: Optional[Tensor] = None,
-    quadratic: bool = False,
-) -> Tensor:
-    r"""UOT-Pooling with the plan :math:`S` of :func:`badmm_log_plan` (same arguments):
-    :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, shape ``(B, D)``, read from the last :math:`S` of the
-    iterations; with :obj:`memory_efficient`, its backward is part of the adjoint, so no ``(N, D)`` plan
-    outlives the forward."""
-    prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic)
-    return _solve(prob, memory_efficient, pool=True)
+    return _solve(prob, memory_efficient, pool)
 
 
 def _problem_of(x: Tensor, segments: Segments, eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor,
