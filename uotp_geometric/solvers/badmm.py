@@ -176,23 +176,32 @@ def _segment_exp_(h: Tensor, segments: Segments, out: Tensor, gathered: Tensor) 
     return out, total.log_(), shift
 
 
-def _checkpoint_stride(num_iters: int) -> int:
-    r"""The distance ``L`` between the states that the lean backward keeps.
+def _checkpoint_strides(num_iters: int) -> List[int]:
+    r"""The distances between the states that the lean backward keeps, one per level of recomputation.
 
-    The state ``(log S, Z)`` entering an iteration is ``2 N D`` values and no closed form recovers it from
+    The state ``(log S, Z)`` entering an iteration is ``2 N D`` values, and no closed form recovers it from
     the next one (block 2 mixes :math:`\log T` and :math:`T` through :math:`Z`), so the backward either
-    keeps it or recomputes it. Keeping every ``L``-th state and, for each span of ``L`` iterations in
-    turn, the ``L - 1`` states inside it keeps ``2 (K / L + L - 2) N D`` values, least at
-    ``L = sqrt(K)``, for one more forward pass: ``K = 4`` keeps two states, ``K = 32`` ten.
+    keeps it or recomputes it. The forward keeps every ``L_1``-th state; the backward takes the spans of
+    ``L_1`` iterations from the last, keeps every ``L_2``-th state of the span's recomputation, and so on
+    down to ``L = 1``, where each iteration's adjoint runs. With strides ``K^{(d - i) / d}`` over ``d``
+    levels that keeps about ``2 d K^{1 / d} N D`` values for ``d - 1`` more forward passes. Two levels
+    (``L_1 = sqrt(K)``) up to ``K = 16``, three beyond, where the third level's one more forward pass buys
+    the memory that keeps ``K = 32`` (seven states, against ten with two levels) within twice ``K = 4``'s
+    peak (two states).
     """
-    return max(1, math.ceil(math.sqrt(num_iters)))
+    depth = 2 if num_iters <= 16 else 3
+    strides, span = [], num_iters
+    for left in range(depth, 0, -1):
+        span = max(1, math.ceil(span ** ((left - 1) / left) - 1e-9))
+        strides.append(span)
+    return strides
 
 
 def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     r"""All iterations in place from the initial state; returns :math:`\log S`, :math:`S` and, if
-    :obj:`stride`, the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The dual and the two
-    scratch buffers are one allocation, large enough for glibc to map it apart from its heap, so that
-    freeing it returns the memory instead of leaving a hole in the heap."""
+    :obj:`stride`, the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The
+    dual and the two scratch buffers are one allocation, large enough for glibc to map it apart from its
+    heap, so that freeing it returns the memory instead of leaving a hole in the heap."""
     num_iters = prob.coef.rho.numel()
     log_s = _initial_log_s(prob)
     dual, work, plan = log_s.new_empty((3, *log_s.shape)).unbind(0)
@@ -372,14 +381,14 @@ def _pool_adjoint(prob: _Problem, inner: _Internals, ws: _Workspace, grads: _Gra
     grad.mul_(plan).mul_(prob.x)
 
 
-def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Optional[Tensor]], span: Tensor,
-                 ws: _Workspace) -> List[Tuple[Tensor, Optional[Tensor]]]:
-    r"""The states entering iterations ``start`` to ``stop - 1``, from the first of them: the others are
-    recomputed in place into the slots of :obj:`span` ``(L - 1, 2, N, D)``, with two slots of :obj:`ws`
-    (free between adjoint steps) as scratch."""
+def _kept_states(prob: _Problem, start: int, stop: int, stride: int, first: Tuple[Tensor, Optional[Tensor]],
+                 slots: Tensor, ws: _Workspace) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    r"""The states entering iterations ``start, start + stride, ...`` below :obj:`stop`, from the first of
+    them: the others are recomputed in place into :obj:`slots` ``(n, 2, N, D)``, with two buffers of
+    :obj:`ws` (free between adjoint steps) as scratch."""
     states = [first]
-    for k in range(start, stop - 1):
-        log_s, dual = span[k - start]
+    for slot, begin in enumerate(range(start + stride, stop, stride)):
+        log_s, dual = slots[slot]
         log_s.copy_(states[-1][0])
         if states[-1][1] is None:
             dual.zero_()
@@ -387,26 +396,51 @@ def _span_states(prob: _Problem, start: int, stop: int, first: Tuple[Tensor, Opt
             dual.copy_(states[-1][1])
         if prob.coef.linear:
             torch.exp(log_s, out=ws.plan_s)
-        _step_(prob, k, log_s, dual, ws.plan_t, ws.plan_s)
+        for k in range(begin - stride, begin):
+            _step_(prob, k, log_s, dual, ws.plan_t, ws.plan_s)
         states.append((log_s, dual))
     return states
+
+
+class _Reverse(NamedTuple):
+    r"""The backward of :class:`_BADMMIterations` below its first level (:func:`_checkpoint_strides`)."""
+    prob: _Problem
+    ws: _Workspace
+    grads: _Grads
+    strides: List[int]
+    slots: List[Tensor]  # per level below the first, the states it keeps inside one span
+    grad_pool: Optional[Tensor]  # the gradient w.r.t. the pooled output, with pool=True
+
+    def span(self, start: int, stop: int, first: Tuple[Tensor, Optional[Tensor]], level: int) -> None:
+        r"""Backpropagates through iterations ``start`` to ``stop - 1`` from the state entering them."""
+        if stop - start == 1:
+            inner = _recompute(self.prob, start, *first, self.ws)
+            if self.grad_pool is not None and stop == self.prob.coef.rho.numel():
+                _pool_adjoint(self.prob, inner, self.ws, self.grads, self.grad_pool)
+            _adjoint_step(self.prob, start, first, inner, self.ws, self.grads)
+            return
+        stride = self.strides[level]
+        states = _kept_states(self.prob, start, stop, stride, first, self.slots[level - 1], self.ws)
+        for i in reversed(range(len(states))):
+            begin = start + i * stride
+            self.span(begin, min(begin + stride, stop), states[i], level + 1)
 
 
 class _BADMMIterations(torch.autograd.Function):
     r"""The ``K`` iterations of :func:`badmm_step` with a hand-derived adjoint (:func:`_adjoint_step`).
 
-    The forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``
-    (:func:`_checkpoint_stride`); the backward walks the spans of ``L`` iterations from the last,
-    recomputes the states inside a span into one buffer allocated once, and for each iteration, from its
-    state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`), all in the seven buffers of
-    one :class:`_Workspace`. Differentiable once (no double backward).
+    The forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``;
+    the backward walks the spans of ``L`` iterations from the last, recomputes states inside a span into
+    buffers allocated once per level (:func:`_checkpoint_strides`, :class:`_Reverse`), and for each
+    iteration, from its state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`), all in
+    the seven buffers of one :class:`_Workspace`. Differentiable once (no double backward).
     """
     @staticmethod
     def forward(ctx: Any, pool: bool, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
                 log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
         prob = _problem(x, segments, blocks, log_p, log_q, values)
-        ctx.stride = _checkpoint_stride(prob.coef.rho.numel())
-        log_s, plan, kept = _iterate(prob, ctx.stride)
+        ctx.strides = _checkpoint_strides(prob.coef.rho.numel())
+        log_s, plan, kept = _iterate(prob, ctx.strides[0])
         ctx.pool, ctx.segments, ctx.blocks = pool, segments, blocks
         ctx.save_for_backward(x, log_p, log_q, kept, *values)
         return _pool_(prob, plan) if pool else log_s
@@ -416,22 +450,17 @@ class _BADMMIterations(torch.autograd.Function):
         x, log_p, log_q, kept, *values = ctx.saved_tensors
         prob = _problem(x, ctx.segments, ctx.blocks, log_p, log_q, values)
         grads = _Grads(prob)
-        stride, num_iters = ctx.stride, prob.coef.rho.numel()
-        span = x.new_empty((min(stride, num_iters) - 1, 2, *x.shape))
+        strides, num_iters = ctx.strides, prob.coef.rho.numel()
+        slots = [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape)) for outer, inner in zip(strides, strides[1:])]
         ws = _Workspace(x)
         if not ctx.pool:
             ws.grad_log_s.copy_(grad_out)
         ws.grad_dual.zero_()
-        for start in reversed(range(0, num_iters, stride)):
+        reverse = _Reverse(prob, ws, grads, strides, slots, grad_out if ctx.pool else None)
+        for start in reversed(range(0, num_iters, strides[0])):
             # The initial dual is zero: None stands for it, so that it takes no memory.
-            first = (_initial_log_s(prob), None) if start == 0 else tuple(kept[start // stride - 1])
-            states = _span_states(prob, start, min(start + stride, num_iters), first, span, ws)
-            for k in reversed(range(start, start + len(states))):
-                state = states[k - start]
-                inner = _recompute(prob, k, *state, ws)
-                if ctx.pool and k == num_iters - 1:
-                    _pool_adjoint(prob, inner, ws, grads, grad_out)
-                _adjoint_step(prob, k, state, inner, ws, grads)
+            first = (_initial_log_s(prob), None) if start == 0 else tuple(kept[start // strides[0] - 1])
+            reverse.span(start, min(start + strides[0], num_iters), first, level=1)
         # The initial state log S = log q + log p.
         grads.log_q.add_(ws.grad_log_s.sum(dim=-1))
         grads.log_p.add_(segment_sum(ws.grad_log_s, prob.segments))
@@ -481,8 +510,9 @@ def badmm_log_plan(
     uses entry ``k``. ``eps = 0`` is allowed (unregularised UOT, e.g. max pooling).
 
     With :obj:`memory_efficient`, the iterations run in place on four ``(N, D)`` buffers and the backward is
-    the hand-derived adjoint of :class:`_BADMMIterations`, which keeps ``2 (K / L + L - 2) N D`` values,
-    ``L = ceil(sqrt(K))`` (:func:`_checkpoint_stride`), and recomputes the rest. :obj:`False`
+    the hand-derived adjoint of :class:`_BADMMIterations`, which keeps every ``L``-th state (``2 N D``
+    values each) and recomputes the rest: ``O(sqrt(K) N D)`` with ``L = ceil(sqrt(K))`` up to ``K = 16``,
+    ``O(K^{1/3} N D)`` with one more level of recomputation beyond (:func:`_checkpoint_strides`). :obj:`False`
     backpropagates through :func:`badmm_step` with plain autograd (``O(K N D)`` memory, double backward).
     Without gradients, the iterations run in place either way.
 

@@ -77,10 +77,11 @@ def test_segmented_checkpoints_give_autograd_gradients(num_iters):
 
 @pytest.mark.parametrize('solver', ['badmm', 'badmm_q'])
 @pytest.mark.parametrize('gw', [0.0, 0.4])
-@pytest.mark.parametrize('num_iters', [1, 4, 10])
+@pytest.mark.parametrize('num_iters', [1, 4, 10, 17])
 def test_adjoint_equals_autograd(solver, gw, num_iters):
     # Every value per iteration and learned, a (B, D) dimension prior and a log node prior, empty sets
-    # and a single-node set; K = 10 runs as spans of 4, 4 and 2 iterations.
+    # and a single-node set. K = 10 recomputes spans of 4, 4 and 2 iterations; K = 17 spans of 7, 7 and
+    # 3, each in spans of 3 (three levels).
     x, index = ragged_batch([4, 0, 9, 1, 6], 5, shuffle=True, seed=12)
     gen = torch.Generator().manual_seed(1)
     inputs = dict(x=x, p=torch.rand(5, 5, generator=gen, dtype=x.dtype) + 0.1,
