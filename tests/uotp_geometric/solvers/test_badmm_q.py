@@ -10,6 +10,7 @@ from torch_geometric.utils import scatter
 from uotp_geometric import UOTAggregation
 from uotp_geometric.functional import uot_plan, uot_pool
 from tests.uotp_geometric.helpers import ragged_batch
+from tests.uotp_geometric.test_numerics import fuzz_case
 from tests.uotp_geometric.solvers.test_rot import _priors, dense_similarities, weight
 
 INF = math.inf
@@ -122,3 +123,10 @@ def test_layer_rejects():
         UOTAggregation.from_preset('softmax', solver='badmm_q')
     with pytest.raises(ValueError, match="'badmm_q'"):
         uot_plan(torch.randn(3, 2), torch.zeros(3, dtype=torch.long), solver='ipot')
+
+
+def test_fuzz_stays_finite():
+    # The fuzz cases of the hardening tests (extreme scales, eps, lam; empty sets; every prior).
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        fuzz_case(gen, 'badmm_q')
