@@ -31,7 +31,7 @@ References:
     Operations", IEEE TPAMI 2023 (arXiv 2212.06339).
 """
 import math
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,8 +70,10 @@ def badmm_coefficients(eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor, g
         gamma=None if gw is None else gw / 2, delta=-eps / 2 if quadratic else None)
 
 
-class _Problem(NamedTuple):
-    r"""What every iteration reads: the data, the priors, the coefficients and the structure."""
+class BADMMProblem(NamedTuple):
+    r"""What every iteration reads: the features :obj:`x` ``(N, D)`` and their :obj:`segments`, the log
+    priors :obj:`log_p` ``(B, D)`` and :obj:`log_q` ``(N,)``, the coefficients
+    (:func:`badmm_coefficients`) and the :obj:`structure` of spec §6 (``None`` without it)."""
     x: Tensor
     segments: Segments
     log_p: Tensor
@@ -88,7 +90,7 @@ class _Problem(NamedTuple):
         return out
 
 
-def _initial_log_s(prob: _Problem) -> Tensor:
+def _initial_log_s(prob: BADMMProblem) -> Tensor:
     r""":math:`\log S` entering the first iteration, :math:`\log q_n + \log p_d` (its dual is 0)."""
     return prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
 
@@ -109,7 +111,7 @@ def _row_shift(g: Tensor) -> Tensor:
     return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
 
 
-def badmm_step(prob: _Problem, k: int, log_s: Tensor, dual: Tensor) -> Tuple[Tensor, Tensor]:
+def badmm_step(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor) -> Tuple[Tensor, Tensor]:
     r"""Iteration :obj:`k` (see the module) from ``(log S, Z)``, out of place: the reference that plain
     autograd differentiates (``memory_efficient=False``). Each block exponentiates once, for its
     log-sum-exp and its plan alike."""
@@ -135,7 +137,7 @@ def badmm_step(prob: _Problem, k: int, log_s: Tensor, dual: Tensor) -> Tuple[Ten
     return log_s, dual + rho * (plan_t - plan_s)
 
 
-def _step_(prob: _Problem, k: int, log_s: Tensor, dual: Tensor, work: Tensor, plan: Tensor) -> None:
+def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Tensor, plan: Tensor) -> None:
     r"""Iteration :obj:`k` of :func:`badmm_step` in place: ``(log S, Z)`` in :obj:`log_s` and :obj:`dual`
     become the next state, and :obj:`plan` holds :math:`S` on entry (read only where :math:`L` acts)
     and the new :math:`S` on return; :obj:`work` is scratch. Four ``(N, D)`` buffers, nothing else of
@@ -197,7 +199,7 @@ def _checkpoint_strides(num_iters: int) -> List[int]:
     return strides
 
 
-def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def _iterate(prob: BADMMProblem, stride: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     r"""All iterations in place from the initial state; returns :math:`\log S`, :math:`S` and, if
     :obj:`stride`, the states entering iterations ``L, 2 L, ...``, stacked ``(K / L - 1, 2, N, D)``. The
     dual and the two scratch buffers are one allocation, large enough for glibc to map it apart from its
@@ -219,7 +221,7 @@ def _iterate(prob: _Problem, stride: int = 0) -> Tuple[Tensor, Tensor, Optional[
     return log_s, plan, kept
 
 
-def _pool_(prob: _Problem, plan: Tensor) -> Tensor:
+def _pool_(prob: BADMMProblem, plan: Tensor) -> Tensor:
     r"""The pooled vectors :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, overwriting :obj:`plan`."""
     return segment_sum(plan.mul_(prob.x), prob.segments).mul_(prob.x.size(-1))
 
@@ -250,7 +252,7 @@ class _Internals(NamedTuple):
     col_factor: Tensor  # S' = e_s * col_factor[index]
 
 
-def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace) -> _Internals:
+def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace) -> _Internals:
     r"""Iteration :obj:`k` of :func:`badmm_step` from its state (``dual = None`` for zero), into :obj:`ws`
     (its ``plan_t`` is scratch)."""
     coef, segments = prob.coef, prob.segments
@@ -285,7 +287,7 @@ def _recompute(prob: _Problem, k: int, log_s: Tensor, dual: Optional[Tensor], ws
 
 class _Grads:
     r"""The gradients that the lean backward accumulates, one entry per input of :class:`_BADMMIterations`."""
-    def __init__(self, prob: _Problem) -> None:
+    def __init__(self, prob: BADMMProblem) -> None:
         self.x = torch.zeros_like(prob.x)
         self.log_p, self.log_q = torch.zeros_like(prob.log_p), torch.zeros_like(prob.log_q)
         self.coef = BADMMCoefficients(*(None if c is None else torch.zeros_like(c) for c in prob.coef))
@@ -293,7 +295,7 @@ class _Grads:
         self.node = [torch.zeros_like(t) for t in st.x_node] if st is not None else []
         self.gram = [torch.zeros_like(t) for t in st.gram] if st is not None else []
 
-    def linear(self, prob: _Problem, k: int, plan: Tensor, grad: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    def linear(self, prob: BADMMProblem, k: int, plan: Tensor, grad: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
         r"""Backpropagates :obj:`weight` times :obj:`grad` through :math:`L_k(Y)` at :math:`Y =` :obj:`plan`
         into :math:`\gamma_k, \delta_k` and the structure. Returns :math:`L_k(A)` for :math:`A =` :obj:`grad`
         (the gradient w.r.t. :math:`Y` up to :obj:`weight`: :math:`L` is self-adjoint) and
@@ -318,7 +320,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Optional[Tensor]], inner: _Internals, ws: _Workspace,
+def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tensor]], inner: _Internals, ws: _Workspace,
                   grads: _Grads) -> None:
     r"""Backpropagates the gradients w.r.t. the state leaving iteration :obj:`k` (``ws.grad_log_s`` and
     ``ws.grad_dual``) to the state entering it, in place, and adds those w.r.t. the data, priors and
@@ -370,7 +372,7 @@ def _adjoint_step(prob: _Problem, k: int, state: Tuple[Tensor, Optional[Tensor]]
     ws.grad_log_s, ws.plan_t = grad_g, grad_log_s  # the gradient moved into the slot of T
 
 
-def _pool_adjoint(prob: _Problem, inner: _Internals, ws: _Workspace, grads: _Grads, grad_out: Tensor) -> None:
+def _pool_adjoint(prob: BADMMProblem, inner: _Internals, ws: _Workspace, grads: _Grads, grad_out: Tensor) -> None:
     r"""The gradient of :func:`_pool_` w.r.t. :math:`x` (added into :obj:`grads`) and w.r.t. the last
     :math:`\log S` (into ``ws.grad_log_s``), with that :math:`S` read from the last iteration's
     :obj:`inner`: :math:`D g_b S_n` and :math:`D g_b x_n S_n`."""
@@ -381,7 +383,7 @@ def _pool_adjoint(prob: _Problem, inner: _Internals, ws: _Workspace, grads: _Gra
     grad.mul_(plan).mul_(prob.x)
 
 
-def _kept_states(prob: _Problem, start: int, stop: int, stride: int, first: Tuple[Tensor, Optional[Tensor]],
+def _kept_states(prob: BADMMProblem, start: int, stop: int, stride: int, first: Tuple[Tensor, Optional[Tensor]],
                  slots: Tensor, ws: _Workspace) -> List[Tuple[Tensor, Optional[Tensor]]]:
     r"""The states entering iterations ``start, start + stride, ...`` below :obj:`stop`, from the first of
     them: the others are recomputed in place into :obj:`slots` ``(n, 2, N, D)``, with two buffers of
@@ -404,7 +406,7 @@ def _kept_states(prob: _Problem, start: int, stop: int, stride: int, first: Tupl
 
 class _Reverse(NamedTuple):
     r"""The backward of :class:`_BADMMIterations` below its first level (:func:`_checkpoint_strides`)."""
-    prob: _Problem
+    prob: BADMMProblem
     ws: _Workspace
     grads: _Grads
     strides: List[int]
@@ -468,13 +470,13 @@ class _BADMMIterations(torch.autograd.Function):
 
 
 def _problem(x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor, log_q: Tensor,
-             values: Tuple[Optional[Tensor], ...]) -> _Problem:
-    r"""Reassembles a :class:`_Problem` from the flat tensor arguments of :class:`_BADMMIterations`: the six
+             values: Tuple[Optional[Tensor], ...]) -> BADMMProblem:
+    r"""Reassembles a :class:`BADMMProblem` from the flat tensor arguments of :class:`_BADMMIterations`: the six
     coefficients, then the structure's per-bucket :math:`\tilde X` and :math:`\tilde C_D`."""
     coef, st_tensors = BADMMCoefficients(*values[:6]), values[6:]
     num_buckets = len(st_tensors) // 2
     st = None if blocks is None else Structure(list(st_tensors[:num_buckets]), list(st_tensors[num_buckets:]), blocks)
-    return _Problem(x, segments, log_p, log_q, coef, st)
+    return BADMMProblem(x, segments, log_p, log_q, coef, st)
 
 
 def badmm_log_plan(
@@ -526,12 +528,12 @@ def badmm_log_plan(
 
 def _problem_of(x: Tensor, segments: Segments, eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor,
                 log_p: Tensor, log_q: Tensor, structure: Optional[Structure], gw: Optional[Tensor],
-                quadratic: bool) -> _Problem:
+                quadratic: bool) -> BADMMProblem:
     coef = badmm_coefficients(eps, lam_p, lam_q, rho, gw if structure is not None else None, quadratic)
-    return _Problem(x, segments, log_p, log_q, coef, structure)
+    return BADMMProblem(x, segments, log_p, log_q, coef, structure)
 
 
-def _solve(prob: _Problem, memory_efficient: bool, pool: bool) -> Tensor:
+def _solve(prob: BADMMProblem, memory_efficient: bool, pool: bool) -> Tensor:
     r"""Dispatch: in place without gradients, plain autograd, or :class:`_BADMMIterations`."""
     st = prob.structure
     st_tensors = [] if st is None else [*st.x_node, *st.gram]
