@@ -89,6 +89,14 @@ class BADMMProblem(NamedTuple):
             out = plan * delta[k] if out is None else out + plan * delta[k]
         return out
 
+    def add_linear_(self, out: Tensor, k: int, plan: Tensor) -> Tensor:
+        r"""Adds :math:`L_k(Y)` into :obj:`out` in place (the quadratic's share without a temporary)."""
+        if self.coef.gamma is not None:
+            out.add_(structure_product(self.structure, plan).mul_(self.coef.gamma[k]))
+        if self.coef.delta is not None:
+            out.addcmul_(plan, self.coef.delta[k])
+        return out
+
 
 def _initial_log_s(prob: BADMMProblem) -> Tensor:
     r""":math:`\log S` entering the first iteration, :math:`\log q_n + \log p_d` (its dual is 0)."""
@@ -146,7 +154,7 @@ def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Tensor
     rho = coef.rho[k]
     torch.sub(prob.x, dual, out=work)
     if coef.linear:
-        work.add_(prob.linear(k, plan))
+        prob.add_linear_(work, k, plan)
     work.div_(rho).add_(log_s)  # G
     shift_r = _row_shift(work)
     torch.sub(work, shift_r, out=plan).exp_()
@@ -156,7 +164,7 @@ def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Tensor
     plan.mul_((log_eta - log_row_total).exp_())  # T
     work.add_(log_eta - log_r).mul_(rho).add_(dual)  # Z + rho log T
     if coef.linear:
-        work.add_(prob.linear(k, plan))
+        prob.add_linear_(work, k, plan)
     work.mul_(coef.scale[k])  # H
     dual.addcmul_(plan, rho)  # Z + rho T; T is not read again
     e_s, log_col_total, shift_c = _segment_exp_(work, segments, out=plan, gathered=log_s)
@@ -260,7 +268,7 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     plan_in = log_s.exp() if coef.linear else None
     g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
     if coef.linear:
-        g.add_(prob.linear(k, plan_in))
+        prob.add_linear_(g, k, plan_in)
     g.div_(rho).add_(log_s)
     shift_r = _row_shift(g)
     e_t = torch.sub(g, shift_r, out=ws.e_t).exp_()
@@ -273,7 +281,7 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     if dual is not None:
         h.add_(dual)
     if coef.linear:
-        h.add_(prob.linear(k, e_t * row_factor))
+        prob.add_linear_(h, k, torch.mul(e_t, row_factor, out=ws.plan_t))
     h.mul_(coef.scale[k])
     shift_c = segment_max(h, segments)
     e_s = h.sub_(torch.index_select(shift_c, 0, segments.index, out=ws.plan_t)).exp_()
