@@ -145,7 +145,7 @@ def uot_values(model: torch.nn.Module) -> dict[str, float]:
         prefix = f"{path}.uot_" if len(layers) > 1 else "uot_"
         for name in layer.init_values:
             value = layer.value(name).detach().cpu().tolist()
-            if layer.per_iteration:
+            if len(value) > 1:  # per_iteration
                 values.update({f"{prefix}{name}_{k}": v for k, v in enumerate(value)})
             else:
                 values[f"{prefix}{name}"] = value[0]

@@ -104,7 +104,7 @@ class TUTask(Task):
     metric, unit = "accuracy", "fold"
     scores = ("val_loss", "val_acc", "test_acc")
     selection, maximize = "val_loss", False
-    kept = ("test_acc", "val_loss")
+    kept = ("test_acc", "val_loss", "val_acc")
 
     def __init__(self, config: Config) -> None:
         if config.backbone != "gin" or config.num_seeds != 1:
@@ -122,8 +122,7 @@ class TUTask(Task):
     def model(self) -> torch.nn.Module:
         config = self.config
         return GIN(self.dataset.num_features, self.dataset.num_classes, config.pooling, config.hidden,
-                   config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                   eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
+                   config.num_layers, config.dropout, config.batch_norm, uot=config.uot_options())
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.batch, data.num_graphs)
@@ -181,8 +180,8 @@ class OGBTask(Task):
     def model(self) -> torch.nn.Module:
         config = self.config
         return OGBGNN(self.dataset.num_tasks, config.pooling, config.backbone == "gin-virtual", config.hidden,
-                      config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                      eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
+                      config.num_layers, config.dropout, config.batch_norm,
+                      uot=config.uot_options())
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.edge_attr, data.batch, data.num_graphs)

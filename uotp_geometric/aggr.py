@@ -14,7 +14,7 @@ from uotp_geometric.segment import (Segments, segment_count,
 
 __all__ = ['UOTAggregation', 'PRIORS', 'PRESETS']
 
-PRIORS = ('uniform', 'attention', 'counting')
+PRIORS = ('uniform', 'attention', 'counting', 'power')
 INF = math.inf
 
 # Each preset is the setting of spec §4 under which the UOT problem (Sinkhorn) or the BADMM iteration
@@ -37,6 +37,10 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 PRESETS['sum'] = {k: dict(v, prior='counting') for k, v in PRESETS['mean'].items()}
 PRESETS['attention'] = {k: dict(v, prior='attention') for k, v in PRESETS['mean'].items()}
+
+
+def _logit(value: float) -> float:
+    return math.log(value) - math.log1p(-value)
 
 
 def _inverse_softplus(value: float) -> float:
@@ -92,8 +96,11 @@ class UOTAggregation(Aggregation):
             ``0`` and ``inf`` stay fixed. (default: :obj:`True`)
         per_iteration (bool): If :obj:`True`, each iteration has its own values. (default: :obj:`False`)
         prior (str): The node prior :math:`q`: ``"uniform"`` (:math:`1/N`), ``"attention"`` (a
-            softmax over the set of a learned linear score, needs :obj:`channels`) or ``"counting"``
-            (:math:`q = \mathbf{1}`, :math:`p = (N/D)\mathbf{1}`: unnormalised, as sum pooling needs).
+            softmax over the set of a learned linear score, needs :obj:`channels`), ``"counting"``
+            (:math:`q = \mathbf{1}`, :math:`p = (N/D)\mathbf{1}`: unnormalised, as sum pooling needs)
+            or ``"power"`` (:math:`q = N^{a-1}\mathbf{1}`, :math:`p = (N^a/D)\mathbf{1}`: a plan of
+            mass :math:`N^a` between mean (:math:`a = 0`) and sum (:math:`a = 1`), with the
+            exponent :math:`a \in [0, 1]` learned from :obj:`mass_exponent`; spec §8).
             (default: ``"uniform"``)
         channels (int, optional): Input feature size, for ``prior="attention"``. (default: :obj:`None`)
         memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration instead of
@@ -105,6 +112,8 @@ class UOTAggregation(Aggregation):
             of ``solver="sinkhorn"`` when ``gw > 0``; learned like :obj:`rho`. (default: ``1.0``)
         inner_iters (int): Sinkhorn iterations per outer step of proximal Sinkhorn, whose
             :obj:`num_iters` outer steps each take a structure step. (default: ``4``)
+        mass_exponent (float): Initial exponent :math:`a \in [0, 1]` of ``prior="power"``, learned
+            through a sigmoid when :obj:`learn` (``0`` and ``1`` stay fixed). (default: ``0.5``)
     """
     def __init__(
         self,
@@ -122,6 +131,7 @@ class UOTAggregation(Aggregation):
         gw: float = 0.0,
         prox: float = 1.0,
         inner_iters: int = 4,
+        mass_exponent: float = 0.5,
     ) -> None:
         super().__init__()
         if solver not in SOLVERS:
@@ -159,8 +169,20 @@ class UOTAggregation(Aggregation):
                 self.init_values['prox'] = float(prox)
         for name, value in self.init_values.items():
             self._register_value(name, value)
+        if prior == 'power':
+            self._register_mass_exponent(float(mass_exponent))
         self.gate = Linear(channels, 1) if prior == 'attention' else None
         self.reset_parameters()
+
+    def _register_mass_exponent(self, value: float) -> None:
+        # One exponent for the whole layer: the prior is set once, before the iterations.
+        if not 0 <= value <= 1:
+            raise ValueError(f"'mass_exponent' must lie in [0, 1] (got {value})")
+        self.init_values['mass_exponent'] = value
+        if self.learn and 0 < value < 1:
+            self.mass_exponent_raw = Parameter(torch.empty(1))
+        else:
+            self.register_buffer('mass_exponent_fixed', torch.full((1, ), value))
 
     def _register_value(self, name: str, value: float) -> None:
         positive = name == 'rho' or (name == 'eps' and self.solver == 'sinkhorn')
@@ -179,15 +201,18 @@ class UOTAggregation(Aggregation):
             raw = getattr(self, name + '_raw', None)
             if raw is not None:
                 with torch.no_grad():
-                    raw.fill_(_inverse_softplus(value))
+                    raw.fill_(_logit(value) if name == 'mass_exponent' else _inverse_softplus(value))
         if self.gate is not None:
             self.gate.reset_parameters()
 
     def value(self, name: str) -> Tensor:
-        r"""The current value of :obj:`name` (``"eps"``, ``"lam_p"``, ``"lam_q"``, ``"rho"``, ``"gw"``
-        or ``"prox"``, where the layer has it), of shape ``(num_iters,)`` if :obj:`per_iteration`, else ``(1,)``."""
+        r"""The current value of :obj:`name` (``"eps"``, ``"lam_p"``, ``"lam_q"``, ``"rho"``, ``"gw"``,
+        ``"prox"`` or ``"mass_exponent"``, where the layer has it), of shape ``(num_iters,)`` if
+        :obj:`per_iteration` (``(1,)`` for ``"mass_exponent"``), else ``(1,)``."""
         raw = getattr(self, name + '_raw', None)
-        return F.softplus(raw) if raw is not None else getattr(self, name + '_fixed')
+        if raw is None:
+            return getattr(self, name + '_fixed')
+        return raw.sigmoid() if name == 'mass_exponent' else F.softplus(raw)
 
     @classmethod
     def from_preset(cls, name: str, solver: str = 'sinkhorn',
@@ -227,10 +252,14 @@ class UOTAggregation(Aggregation):
                 score = score.float()
             log_norm = segment_logsumexp(score, segments)
             return None, (score - segments.gather(log_norm)).squeeze(-1)
-        if self.prior == 'counting':
+        if self.prior in ('counting', 'power'):
+            # A plan of mass N^a: p = N^a / D per dimension, q = N^a / N per node (counting: a = 1).
             count = segment_count(segments, x.dtype)
-            p = (count / x.size(-1)).unsqueeze(-1).expand(-1, x.size(-1))
-            return p, x.new_zeros(x.size(0))
+            mass = count
+            if self.prior == 'power':
+                mass = count.clamp_min(1).pow(self.value('mass_exponent').to(x.dtype))
+            p = (mass / x.size(-1)).unsqueeze(-1).expand(-1, x.size(-1))
+            return p, segments.gather(mass.log() - count.log())
         return None, None
 
     def forward(
@@ -292,7 +321,8 @@ class UOTAggregation(Aggregation):
         kwargs: Dict[str, Any] = dict(
             solver=self.solver, num_iters=self.num_iters, memory_efficient=self.memory_efficient,
             inner_iters=self.inner_iters)
-        kwargs.update({name: self.value(name) for name in self.init_values})
+        kwargs.update({name: self.value(name) for name in self.init_values
+                       if name != 'mass_exponent'})
         return kwargs
 
     def __repr__(self) -> str:

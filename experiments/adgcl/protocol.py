@@ -34,9 +34,9 @@ from torch_geometric.data import InMemoryDataset
 from torch_geometric.loader import DataLoader
 
 from experiments.adgcl.model import ContrastiveEncoder, ViewLearner, drop_regulariser, nt_xent, relaxed_bernoulli
-from experiments.config import UsageError, dataclass_parser, parse_dataclass, read_dataclass
+from experiments.config import CHOICES, UsageError, dataclass_parser, parse_dataclass, read_dataclass
 from experiments.data import load_tu
-from experiments.models import POOLINGS
+from experiments.models import UOTOptions
 from experiments.protocol import derive_seed, summarize
 from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, damaged, epoch_seconds,
                                  git_commit, run_lock, uot_values, write_csv, write_json)
@@ -48,8 +48,9 @@ EMBED_BATCH_SIZE = 128  # as AD-GCL; in eval mode the embeddings do not depend o
 
 
 @dataclass
-class AdgclConfig:
-    """One AD-GCL run over several seeds; the defaults are the UOT paper's script (``backbones/adgcl.py``)."""
+class AdgclConfig(UOTOptions):
+    """One AD-GCL run over several seeds; the defaults are the UOT paper's script (``backbones/adgcl.py``). The
+    UOT readout's options are those of :class:`~experiments.models.UOTOptions`."""
 
     dataset: str = "MUTAG"
     root: str = "data"  # holds <dataset>/raw; only read, never written
@@ -68,11 +69,6 @@ class AdgclConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     folds: int = 10  # of the SVM's cross-validation
     svm_search: bool = False  # False: LinearSVC at C = 1, as the UOT paper; True: C by AD-GCL's grid search
-    num_iters: int = 4  # K, the UOT solver's iterations
-    uot_eps: float = 1.0  # initial UOT values, as in experiments.config.Config
-    uot_lam_p: float = float("inf")
-    uot_lam_q: float = 1.0
-    uot_gw: float = 0.1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -85,7 +81,6 @@ RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "seeds"})
 
 
 DESCRIPTION = "AD-GCL encoder trained without labels, linear SVM on its embeddings (the UOT paper's protocol)."
-CHOICES = dict(pooling=POOLINGS)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> AdgclConfig:
@@ -194,8 +189,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
     ckpt_path = Path(config.out) / f"seed{seed}.pt"
     seed_everything(derive_seed(seed))  # the initial parameters
     model = ContrastiveEncoder(config.pooling, config.emb_dim, config.num_layers, config.drop,
-                               num_iters=config.num_iters, eps=config.uot_eps, lam_p=config.uot_lam_p,
-                               lam_q=config.uot_lam_q, gw=config.uot_gw).to(device)
+                               uot=config.uot_options()).to(device)
     view_learner = ViewLearner(config.emb_dim, config.num_layers, config.drop, config.edge_mlp_dim).to(device)
     model_optimizer = Adam(model.parameters(), lr=config.lr)
     view_optimizer = Adam(view_learner.parameters(), lr=config.lr)
