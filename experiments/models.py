@@ -2,8 +2,8 @@
 ``benchmark/kernel`` for TU datasets, and the GIN / GIN-virtual of OGB's ``examples/graphproppred/mol``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,27 @@ class UOTOptions:
         return UOTOptions(**{f.name: getattr(self, f.name) for f in fields(UOTOptions)})
 
 
+UOT_POOLINGS = ("uot", "uot_badmm", "rot", "rot_badmm")
+# What runs computed before these options existed: a results.json without the key had this value.
+_BEFORE_OPTIONS = dict(uot_prior="uniform", uot_per_iteration=False, uot_rho=1.0, uot_mass_exponent=0.5)
+
+
+def run_label(pooling: str, config: dict[str, Any]) -> str:
+    """A run's name in tables: the pooling and, for a UOT pooling, its prior and every option of
+    :class:`UOTOptions` that differs from the default (from the config dict of its ``results.json``), such as
+    ``uot[per_iteration=True, prior=uniform]``."""
+    if pooling not in UOT_POOLINGS:
+        return pooling
+    values = {**asdict(UOTOptions()), **_BEFORE_OPTIONS, **config}
+    skip = {"uot_rho"} if not pooling.endswith("badmm") else set()
+    skip |= {"uot_gw"} if not pooling.startswith("rot") else set()
+    skip |= {"uot_mass_exponent"} if values["uot_prior"] != "power" else set()
+    shown = {f.name: values[f.name] for f in fields(UOTOptions)
+             if f.name not in skip and (f.name == "uot_prior" or values[f.name] != f.default)}
+    options = ", ".join(f"{name.removeprefix('uot_')}={value}" for name, value in sorted(shown.items()))
+    return f"{pooling}[{options}]"
+
+
 def _uot_layer(name: str, channels: int, options: UOTOptions) -> UOTAggregation:
     extra = dict(mass_exponent=options.uot_mass_exponent) if options.uot_prior == "power" else {}
     return UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=options.num_iters,
@@ -118,7 +139,7 @@ def make_readout(name: str, channels: int,
                                            global_nn=MLP([channels, channels, channels], norm=None))
     elif name == "gmt":
         readout = aggr.GraphMultisetTransformer(channels, k=16, heads=4)
-    elif name in ("uot", "uot_badmm", "rot", "rot_badmm"):
+    elif name in UOT_POOLINGS:
         readout = _uot_layer(name, channels, uot or UOTOptions())
     else:
         raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}")
