@@ -236,3 +236,74 @@ def test_preset_errors():
         UOTAggregation.from_preset('attention')
     with pytest.raises(ValueError, match="'t'"):
         UOTAggregation.from_preset('mean', t=0.5)
+
+
+# The power prior (spec §8): a plan of mass N^a with a learned exponent a.
+
+def _per_set(x, index, reduce):
+    r"""A dense per-set float64 reference: ``reduce`` applied to each set's rows."""
+    return torch.stack([reduce(x[index == b]) for b in range(int(index.max()) + 1)])
+
+
+# The mean limit: Sinkhorn at eps = inf is exact, BADMM's rho = 1e6 is a limit.
+MEAN_LIMIT = [('sinkhorn', dict(eps=INF), 1e-12), ('badmm', dict(eps=0.0, rho=1e6), 1e-5)]
+
+
+@pytest.mark.parametrize('solver,setting,tol', MEAN_LIMIT)
+@pytest.mark.parametrize('a', [0.0, 0.25, 1.0])
+def test_power_prior_in_the_mean_limit_is_size_to_the_a_times_mean(solver, setting, tol, a):
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(solver, num_iters=1, lam_p=INF, lam_q=INF, prior='power', mass_exponent=a,
+                          learn=False, **setting).double()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    expected = sizes.pow(a).unsqueeze(-1) * _per_set(x, index, lambda s: s.mean(0))
+    assert relative_error(aggr(x, index), expected) < tol
+
+
+def test_power_prior_in_the_softmax_limit():
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=1, eps=0.5, lam_p=INF, lam_q=0.0, prior='power', mass_exponent=0.375,
+                          learn=False).double()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    expected = sizes.pow(0.375).unsqueeze(-1) * _per_set(x, index, lambda s: (s.div(0.5).softmax(0) * s).sum(0))
+    assert relative_error(aggr(x, index), expected) < 1e-12
+
+
+@pytest.mark.parametrize('solver,num_iters', [('sinkhorn', 3000), ('badmm', 3000)])
+def test_power_prior_with_a_soft_marginal_matches_pot(solver, num_iters):
+    # With a finite lam_p the mass N^a also reshapes the plan, so it is no rescaled uniform plan.
+    sizes, a = [3, 8, 1], 0.3
+    x, index = ragged_batch(sizes, 4, shuffle=True)
+    aggr = UOTAggregation(solver, num_iters=num_iters, eps=0.6, lam_p=2.0, lam_q=0.5, prior='power',
+                          mass_exponent=a, learn=False).double()
+    plan = aggr.plan(x, index)
+    for b, n in enumerate(sizes):
+        expected = pot_plan(x[index == b], 0.6, 2.0, 0.5, p=np.full(4, n ** a / 4), q=np.full(n, n ** (a - 1)))
+        np.testing.assert_allclose(plan[index == b].detach().numpy(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_power_prior_exponent_gets_the_closed_form_gradient():
+    # Mean limit: z_b = N_b^a mean_b(x), so d(sum z)/da = sum_b log(N_b) N_b^a sum_d mean_b(x)_d.
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=1, eps=INF, lam_p=INF, lam_q=INF, prior='power', mass_exponent=0.3).double()
+    aggr(x, index).sum().backward()
+    a = aggr.value('mass_exponent').detach()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    grad_a = (sizes.log() * sizes.pow(a) * _per_set(x, index, lambda s: s.mean(0)).sum(-1)).sum()
+    expected = grad_a * a * (1 - a)  # through the sigmoid that keeps a in [0, 1]
+    torch.testing.assert_close(aggr.mass_exponent_raw.grad, expected.reshape(1), rtol=1e-12, atol=0)
+
+
+def test_power_prior_values_and_errors():
+    aggr = UOTAggregation(prior='power', mass_exponent=0.25)
+    assert 'mass_exponent_raw' in dict(aggr.named_parameters())
+    assert aggr.value('mass_exponent').item() == pytest.approx(0.25)
+    assert 'mass_exponent=0.25' in repr(aggr)
+    for end in (0.0, 1.0):  # the ends are the uniform and counting priors, and stay fixed
+        fixed = UOTAggregation(prior='power', mass_exponent=end)
+        assert 'mass_exponent_raw' not in dict(fixed.named_parameters())
+        assert fixed.value('mass_exponent').item() == end
+    for bad in (-0.1, 1.5, float('nan')):
+        with pytest.raises(ValueError, match="'mass_exponent' must lie in \\[0, 1\\]"):
+            UOTAggregation(prior='power', mass_exponent=bad)
+    assert 'mass_exponent' not in UOTAggregation().init_values  # only the power prior has it
