@@ -95,6 +95,26 @@ def run_label(pooling: str, config: dict[str, Any]) -> str:
     return f"{pooling}[{options}]"
 
 
+def parse_label(label: str) -> tuple[str, UOTOptions]:
+    """The pooling and options a :func:`run_label` names: ``"uot[per_iteration=True, prior=power]"`` gives
+    ``("uot", UOTOptions(uot_per_iteration=True, uot_prior="power"))``; a plain name gives the defaults."""
+    name, _, rest = label.partition("[")
+    if name not in POOLINGS or (rest and not rest.endswith("]")) or (rest and name not in UOT_POOLINGS):
+        raise ValueError(f"{label!r} is not a pooling name, nor a UOT pooling with [option=value, ...]")
+    kinds = {f.name: f.type for f in fields(UOTOptions)}
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, _, text = item.partition("=")
+        field = key if key == "num_iters" else f"uot_{key}"
+        if field not in kinds:
+            raise ValueError(f"{label!r}: unknown UOT option {key!r}")
+        kind = kinds[field]
+        values[field] = text == "True" if kind == "bool" else text if kind == "str" else float(text)
+        if kind == "int":
+            values[field] = int(values[field])
+    return name, UOTOptions(**values)
+
+
 def _uot_layer(name: str, channels: int, options: UOTOptions) -> UOTAggregation:
     extra = dict(mass_exponent=options.uot_mass_exponent) if options.uot_prior == "power" else {}
     return UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=options.num_iters,

@@ -121,11 +121,13 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
 def test_training_section(tmp_path: Path, one_thread: int) -> None:
     repo = Path(__file__).resolve().parents[2]
     plan = bench.TrainingPlan(config=str(repo / "configs/tu/mutag.yaml"), root=str(repo / "data"),
-                              cache=str(tmp_path / "cache"), epochs=2, warmup=0, threads=one_thread)
+                              cache=str(tmp_path / "cache"), epochs=2, warmup=0, threads=one_thread,
+                              poolings=("mean", "uot", "uot_badmm", "uot[num_iters=2, prior=power]"))
     rows = bench.measure_training(plan)
-    assert [row["method"] for row in rows] == ["mean", "uot", "uot_badmm"]
+    assert [row["method"] for row in rows] == list(plan.poolings)
     assert rows[0]["epoch_ratio"] == 1 and all(row["epoch_s"] > 0 for row in rows)
-    assert [row["solver"] for row in rows] == ["", "sinkhorn", "badmm"]
+    assert [row["solver"] for row in rows] == ["", "sinkhorn", "badmm", "sinkhorn"]
+    assert rows[-1]["K"] == 2
     df = pd.DataFrame(rows, columns=bench.COLUMNS)
     table = bench.headline(df)
     assert list(table.measured) == [rows[1]["epoch_ratio"], rows[2]["epoch_ratio"]]
@@ -135,10 +137,12 @@ def test_training_poolings_are_chosen_on_the_command_line(monkeypatch, tmp_path:
     plans = []
     monkeypatch.setattr(bench_main, "run", lambda plan, device, threads: plans.append(plan) or pd.DataFrame())
     monkeypatch.setattr(bench_main, "write_outputs", lambda *args: None)
-    bench_main.main(["--quick", "--training", "--training-poolings", "add", "gmt", "rot", "--out", str(tmp_path)])
-    assert plans[0].training.poolings == ("add", "gmt", "rot")
-    with pytest.raises(SystemExit):
-        bench_main.main(["--quick", "--training", "--training-poolings", "median", "--out", str(tmp_path)])
+    bench_main.main(["--quick", "--training", "--training-poolings", "add", "gmt", "rot", "uot[prior=power]",
+                     "--out", str(tmp_path)])
+    assert plans[0].training.poolings == ("add", "gmt", "rot", "uot[prior=power]")
+    for wrong in ("median", "uot[prior=power", "add[prior=power]", "uot[temperature=2]"):
+        with pytest.raises(SystemExit):
+            bench_main.main(["--quick", "--training", "--training-poolings", wrong, "--out", str(tmp_path)])
 
 
 def test_machine_info_names_the_allocator_settings(monkeypatch) -> None:
