@@ -100,10 +100,11 @@ def _rows(scores_: list[Scores], field: str) -> dict[str, dict[str, float]]:
 def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command: str) -> str:
     cells = sorted({s.cell for s in all_scores})
     val, test = _rows(all_scores, "val"), _rows(all_scores, "test")
-    candidates = {label: row for label, row in val.items()
-                  if label.split("[")[0] in UOT_POOLINGS and all(cell in row for cell in cells)}
+    variants = {label: row for label, row in val.items() if label.split("[")[0] in UOT_POOLINGS}
+    incomplete = sorted(label for label, row in variants.items() if not all(cell in row for cell in cells))
     chosen, average, gap = None, {}, {}
-    if candidates:
+    if variants and not incomplete:
+        candidates = variants
         cost = {label: (label.startswith(("uot_badmm", "rot_badmm")), learned_values(label, configs[label]))
                 for label in candidates}
         chosen, average, gap = choose(candidates, cells, cost)
@@ -111,21 +112,24 @@ def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command
     def rank(label: str) -> str:
         if label in average:
             return f"{average[label]:.2f}"
-        return "incomplete" if label.split("[")[0] in UOT_POOLINGS else "reference, not ranked"
+        if label not in variants:
+            return "reference, not ranked"
+        return "incomplete" if label in incomplete else "pending"
 
     header = ["| run | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
     lines = [f"Made by `{command}`.", "", "## Validation accuracy (%), the only score the rule reads", "",
              header[0][:-1] + "| average rank |", header[1] + "---:|"]
-    lines += [f"| {label} | " + " | ".join(_pct(row.get(c)) for c in cells) + f" | {rank(label)} |"
-              for label, row in val.items()]
+    order = [*variants, *(label for label in val if label not in variants)]
+    lines += [f"| {label} | " + " | ".join(_pct(val[label].get(c)) for c in cells) + f" | {rank(label)} |"
+              for label in order]
     lines.append("")
     if chosen is None:
-        lines.append("No UOT variant has every cell yet: nothing is chosen.")
+        lines.append(f"Nothing is chosen until every variant has every cell; missing cells: {', '.join(incomplete)}.")
     else:
         lines.append(f"**Chosen by the rule: `{chosen}`** (average rank {average[chosen]:.2f} over {len(cells)} "
                      f"cells; in its worst cell it is {100 * -gap[chosen]:.2f} points below the best variant).")
     lines += ["", "## Test accuracy (%), printed beside, never read by the rule", "", *header]
-    lines += [f"| {label} | " + " | ".join(_pct(row.get(c)) for c in cells) + " |" for label, row in test.items()]
+    lines += [f"| {label} | " + " | ".join(_pct(test[label].get(c)) for c in cells) + " |" for label in order]
     units = sorted({f"{s.cell}: {s.units}" for s in all_scores})
     lines += ["", f"Each score is the mean over folds (TU) or seeds (AD-GCL): {'; '.join(units)}."]
     return "\n".join(lines) + "\n"

@@ -44,3 +44,13 @@ def test_ties_go_to_the_smaller_worst_gap_then_the_cost():
     assert chosen == "z" and gap["z"] == pytest.approx(-0.1)  # equal ranks: z is never far from the best
     table["z"] = {"c1": 0.5, "c2": 0.9}
     assert choose(table, ["c1", "c2"], cost)[0] == "y"  # all tie on rank and gap; y is the cheapest
+
+
+def test_nothing_is_chosen_while_a_variant_lacks_a_cell(tmp_path):
+    _write(tmp_path, "a", "P", "uot", "uniform", [0.6], [0.9])
+    _write(tmp_path, "b", "P", "uot", "power", [0.7], [0.5])
+    _write(tmp_path, "c", "Q", "uot", "uniform", [0.6], [0.9])
+    main([str(tmp_path), "--out", str(tmp_path)])
+    text = (tmp_path / "design.md").read_text()
+    assert "Chosen" not in text and "missing cells: uot[prior=power]" in text
+    assert "| uot[prior=power] | 70.00 | – | incomplete |" in text
