@@ -49,9 +49,12 @@ def test_snippets_of_the_docs_pages_run(tmp_path, monkeypatch):
 def test_defaults_are_the_layers():
     from uotp_geometric import UOTAggregation
 
-    line = re.search(r"^Defaults: (.*?)\.(?: |$)", README, flags=re.M | re.S).group(1)
-    stated = dict(re.findall(r"`(\w+)=([^`]+)`", line))
-    assert len(stated) >= 5
+    # Stated once: the starting values in the first snippet's comment, the rest in the line after it.
+    comment = re.search(r"^pool = UOTAggregation\(\) +# starts at (.*)$", README, flags=re.M).group(1)
+    stated = dict(re.findall(r"(\w+)=([^,\s]+)", comment))
+    line = re.search(r"^Its other defaults: (.*?)\.(?: |$)", README, flags=re.M | re.S).group(1)
+    stated.update(re.findall(r"`(\w+)=([^`]+)`", line))
+    assert {"eps", "lam_p", "lam_q", "solver", "num_iters"} <= set(stated)
     signature = inspect.signature(UOTAggregation.__init__).parameters
     for name, text in stated.items():
         value = float(text) if text == "inf" else eval(text)  # noqa: S307 - the README's own literals
@@ -131,3 +134,16 @@ def test_relative_links_resolve(page):
                       for t in re.findall(r"^#+ (.*)$", linked, flags=re.M)]
             assert heading in titles, f"{page.name} links to missing heading #{anchor}"
 
+
+
+def test_slow_marks_name_existing_tests():
+    # The quick subset of the README (-m "not slow") leaves out what tests/conftest.py names: a renamed test would
+    # silently join it.
+    from tests.conftest import SLOW_FILES, SLOW_TESTS
+
+    for path in SLOW_FILES:
+        assert (ROOT / path).is_file(), path
+    for node in SLOW_TESTS:
+        path, name = node.split("::")
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M), node
+    assert '-m "not slow"' in README
