@@ -140,3 +140,49 @@ def test_bad_runs_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(d), "--out", str(tmp_path / "t")])
     assert "not the results of experiments.train or experiments.adgcl" in capsys.readouterr().err
+
+
+def test_made_by_line_prints_a_whole_folder_as_its_glob(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    paths = [str(_tu(runs, "MUTAG", p, [0.8, 0.9, 0.7])) for p in ("add", "mean", "uot")]
+    out = tmp_path / "out"
+    main(paths + ["--out", str(out)])  # what the shell passes for runs/*
+    made_by = f"Made by `python -m experiments.table {runs}/* --out {out}`."
+    assert _lines(out / "table.md")[0] == made_by
+    assert _lines(out / "stats.md")[0] == made_by
+    table = _lines(out / "table.md")
+
+    main([str(runs / "*"), "--out", str(out)])  # the same pattern, quoted: expanded here, in sorted order
+    assert _lines(out / "table.md")[1:] == table[1:]
+    assert _lines(out / "table.md")[0] == f"Made by `python -m experiments.table '{runs}/*' --out {out}`."
+
+    # Part of a folder, or another order (rows and columns follow it): every path is printed.
+    main(paths[:2] + ["--out", str(out)])
+    assert _lines(out / "table.md")[0] == f"Made by `python -m experiments.table {paths[0]} {paths[1]} --out {out}`."
+    main(paths[::-1] + ["--out", str(out)])
+    assert _lines(out / "table.md")[0].startswith(f"Made by `python -m experiments.table {paths[2]} {paths[1]} ")
+
+
+def test_summary_prints_best_other_against_uot(tmp_path, capsys):
+    accs = {("MUTAG", "add"): [0.80, 0.90], ("MUTAG", "max"): [0.84, 0.88], ("MUTAG", "uot"): [0.90, 0.90],
+            ("MUTAG", "uot_badmm"): [0.70, 0.80], ("MUTAG", "rot"): [0.95, 0.95],  # rot is no "other" pooling
+            ("PROTEINS", "mean"): [0.75, 0.77], ("PROTEINS", "uot"): [0.70, 0.74],
+            ("ENZYMES", "mean"): [0.3, 0.4]}  # no UOT run: no row
+    runs = [str(_tu(tmp_path, d, p, a)) for (d, p), a in accs.items()]
+    main(runs + ["--summary"])
+    assert capsys.readouterr().out.splitlines() == [
+        "| dataset | best other pooling | `uot` | `uot_badmm` |",
+        "|---|---|---:|---:|",
+        "| MUTAG | max 86.0 ± 2.8 | **90.0 ± 0.0** | 75.0 ± 7.1 |",
+        "| PROTEINS | mean **76.0 ± 1.4** | 72.0 ± 2.8 |  |",
+    ]
+    assert not (tmp_path / "table.md").exists()
+
+
+def test_lower_is_better_comes_from_the_protocol(tmp_path):
+    from experiments import table
+    assert table.orientation(dict(metric="accuracy")) == 1
+    assert table.orientation(dict(metric="rocauc")) == 1
+    assert table.orientation(dict(metric="rmse")) == -1
+    with pytest.raises(ValueError, match="no known direction"):
+        table.orientation(dict(metric="f1"))
