@@ -34,11 +34,17 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from experiments import stats  # noqa: E402
+from experiments.models import UOT_POOLINGS, run_label  # noqa: E402
 from experiments.protocol import higher_is_better, summarize  # noqa: E402
 
 PERCENT_METRICS = frozenset({"accuracy", "acc", "rocauc", "ap"})  # in [0, 1], shown in percent
-CANDIDATES = ("uot", "uot_badmm", "rot", "rot_badmm")  # each against the best other pooling of a dataset
-SUMMARY_POOLINGS = ("uot", "uot_badmm")  # the columns of --summary, after the best other pooling
+CANDIDATES = UOT_POOLINGS  # each variant against the best other pooling of a dataset
+SUMMARY_POOLINGS = ("uot", "uot_badmm")  # the variants of these are the columns of --summary
+
+
+def is_candidate(label: str) -> bool:
+    """Whether a run label (:func:`~experiments.models.run_label`) names a UOT or ROT variant."""
+    return label.split("[")[0] in CANDIDATES
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -167,12 +173,13 @@ def _command(argv: Optional[Sequence[str]]) -> str:
 def summary_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: Sequence[str]) -> list[str]:
     """One Markdown table: per dataset, the best pooling outside :data:`CANDIDATES` (by mean) and its score, then
     the scores of :data:`SUMMARY_POOLINGS`, mean ± sample std, the best of the row in bold."""
-    lines = ["| dataset | best other pooling | " + " | ".join(f"`{p}`" for p in SUMMARY_POOLINGS) + " |",
-             "|---|---|" + "---:|" * len(SUMMARY_POOLINGS)]
+    columns = list(dict.fromkeys(p for _, p in cells if p.split("[")[0] in SUMMARY_POOLINGS))
+    lines = ["| dataset | best other pooling | " + " | ".join(f"`{p}`" for p in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
     for dataset in datasets:
         runs = {p: r for (d, p), r in cells.items() if d == dataset}
-        others = {p: r for p, r in runs.items() if p not in CANDIDATES}
-        shown = [p for p in SUMMARY_POOLINGS if p in runs]
+        others = {p: r for p, r in runs.items() if not is_candidate(p)}
+        shown = [p for p in columns if p in runs]
         if not others or not shown:
             continue
         first = next(iter(runs.values()))
@@ -187,7 +194,7 @@ def summary_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: Sequen
             text = score_text(runs[pooling], first)
             return f"**{text}**" if sign * mean == best else text
 
-        lines.append(f"| {dataset} | {other} {cell(other)} | " + " | ".join(cell(p) for p in SUMMARY_POOLINGS) + " |")
+        lines.append(f"| {dataset} | {other} {cell(other)} | " + " | ".join(cell(p) for p in columns) + " |")
     return lines
 
 
@@ -237,7 +244,7 @@ def write_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
         sign = orientation(results[0])
         means = np.array([scale(r) * summary(r)[0] for r in results])
         stds = np.array([scale(r) * (summary(r)[1] or 0.0) for r in results])
-        colors = ["tab:red" if p in CANDIDATES else "tab:blue" for p in present]
+        colors = ["tab:red" if is_candidate(p) else "tab:blue" for p in present]
         xs = [poolings.index(p) for p in present]
         # Points with error bars, not bars: the y axis need not start at 0, so close scores stay apart.
         for x, mean, std, color in zip(xs, means, stds, colors):
@@ -275,7 +282,8 @@ def write_stats(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
         runs = {p: cells[dataset, p] for p in poolings if (dataset, p) in cells}
         samples, units = paired_samples(runs)
         first = next(iter(runs.values()))
-        for row in stats.versus_best_other(samples, CANDIDATES, orientation(first) == 1):
+        candidates = [p for p in samples if is_candidate(p)]
+        for row in stats.versus_best_other(samples, candidates, orientation(first) == 1):
             p = "—" if row["p"] is None else f"{row['p']:.3g}"
             lines.append(f"| {dataset} | {row['pooling']} | {fmt(row['mean'], first)} | {row['other']} | "
                          f"{fmt(row['other_mean'], first)} | {scale(first) * row['difference']:+.2f} | "
@@ -354,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error(f"{path}: not the results of experiments.train or experiments.adgcl (no {error})")
         except ValueError as error:
             parser.error(str(error))
-        key = (row_name(result), result["pooling"])
+        key = (row_name(result), run_label(result["pooling"], result.get("config", {})))
         if key in cells:
             parser.error(f"two runs of {key[1]} on {key[0]}, the second in {path}")
         cells[key] = result
