@@ -54,12 +54,6 @@ def _initial(value: Value) -> InitialValue:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _is_zero(value: Value) -> bool:
-    if isinstance(value, Tensor):
-        value = value.detach().cpu()
-    return bool(torch.as_tensor(value, dtype=torch.float64).eq(0).all())
-
-
 def _format(value: Tensor) -> str:
     # One number where all iterations share it (per_iteration is shown beside), else one per iteration.
     values = [f'{v:.3g}' for v in value.detach().float().cpu().tolist()]
@@ -105,10 +99,10 @@ class UOTAggregation(Aggregation):
     Args:
         solver (str): ``"sinkhorn"`` or ``"badmm"``. (default: ``"sinkhorn"``)
         num_iters (int): The number of unrolled solver iterations ``K``. (default: ``4``)
-        eps (float or Tensor): Initial entropic regularisation :math:`\varepsilon` (``> 0`` for Sinkhorn,
-            ``>= 0`` for BADMM). (default: ``1.0``)
-        lam_p (float or Tensor): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). The default
-            keeps the dimension marginal hard, so the pooled mass stays 1 and supervised training
+        eps (float or Tensor): Initial entropic regularisation :math:`\varepsilon` (``> 0`` for
+            Sinkhorn, ``>= 0`` for BADMM). (default: ``1.0``)
+        lam_p (float or Tensor): Initial :math:`\lambda_p \geq 0` (``inf``: hard marginal). The
+            default keeps the dimension marginal hard, so the pooled mass stays 1 and supervised training
             starts stably: with the paper's :math:`\lambda_p = 1` the mass grows like
             :math:`\exp(|x| / \varepsilon)` and training diverges. Pass ``lam_p=1.0`` for the
             paper's setting, or use :meth:`from_preset` for a classic pooling.
@@ -133,10 +127,11 @@ class UOTAggregation(Aggregation):
         memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration instead of
             storing it, so training memory hardly grows with :obj:`num_iters`; :obj:`False` uses
             plain autograd through the unrolled iterations. (default: :obj:`True`)
-        gw (float or Tensor): Initial weight :math:`\gamma \geq 0` of the structure term; ``0`` runs plain
-            UOT-Pooling and stays fixed. (default: ``0.0``)
-        prox (float or Tensor): Initial proximal weight :math:`\tau \geq 0` of proximal Sinkhorn, the solver
-            of ``solver="sinkhorn"`` when ``gw > 0``; learned like :obj:`rho`. (default: ``1.0``)
+        gw (float or Tensor): Initial weight :math:`\gamma \geq 0` of the structure term; ``0`` runs
+            plain UOT-Pooling and stays fixed. (default: ``0.0``)
+        prox (float or Tensor): Initial proximal weight :math:`\tau \geq 0` of proximal Sinkhorn,
+            the solver of ``solver="sinkhorn"`` when ``gw > 0``; learned like :obj:`rho`.
+            (default: ``1.0``)
         inner_iters (int): Sinkhorn iterations per outer step of proximal Sinkhorn, whose
             :obj:`num_iters` outer steps each take a structure step. (default: ``4``)
         mass_exponent (float): Initial exponent :math:`a \in [0, 1]` of ``prior="power"``, learned
@@ -189,7 +184,8 @@ class UOTAggregation(Aggregation):
         values = dict(eps=eps, lam_p=lam_p, lam_q=lam_q)
         if solver == 'badmm':
             values['rho'] = rho
-        if not _is_zero(gw):  # gw = 0 adds nothing, so the layer and its state stay those of UOT-Pooling
+        # gw = 0 adds nothing, so the layer and its state stay those of UOT-Pooling.
+        if SolverOptions(gw=gw).has_structure():
             values['gw'] = gw
             if solver == 'sinkhorn':
                 values['prox'] = prox
