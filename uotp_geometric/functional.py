@@ -220,7 +220,7 @@ def _uot(x: Tensor, index: Tensor, dim_size: Optional[int], options: SolverOptio
         # Rows grouped by set let every reduction run as a segment reduction instead of atomics.
         perm, segments = sorted_segments(index, segments.num_sets)
         x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):  # no op of the solver may be lowered
         out = _solve(x, segments, options, log_p, log_q, pool)
     if not pool:
         out = _unpermute(out, perm).exp()
@@ -242,15 +242,15 @@ def _solve(x: Tensor, segments: Segments, options: SolverOptions, log_p: Tensor,
         return options.schedule(name, x)
 
     eps, lam_p, lam_q = value('eps'), value('lam_p'), value('lam_q')
-    memory_efficient = options.memory_efficient
-    if options.solver == 'sinkhorn' and options.has_structure():
+    memory_efficient, structured = options.memory_efficient, options.has_structure()
+    if options.solver == 'sinkhorn' and structured:
         log_plan = rot_sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, value('gw'), value('prox'),
                                          log_p, log_q, options.inner_iters, memory_efficient)
     elif options.solver == 'sinkhorn' and pool:  # pooled without forming the plan where it can
         return sinkhorn_pool(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
     elif options.solver == 'sinkhorn':
         log_plan = sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
-    elif options.has_structure():
+    elif structured:
         log_plan = rot_badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), value('gw'),
                                       log_p, log_q, memory_efficient)
     else:
