@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch_geometric.nn import GATConv, GraphConv, SAGEConv
-from torch_geometric.nn.aggr import MultiAggregation
+from torch_geometric.nn.aggr import MultiAggregation, SumAggregation
 from torch_geometric.utils import scatter, softmax
 
 import uotp_geometric
@@ -95,6 +95,86 @@ def test_repr():
         'lam_q=1, learn=True, per_iteration=False, prior=attention, '
         'channels=8)')
     assert 'rho=0.5' in repr(UOTAggregation(solver='badmm', rho=0.5))
+
+
+def test_repr_shows_the_learned_values():
+    aggr = UOTAggregation(num_iters=3, eps=1.0, lam_q=1.0)
+    with torch.no_grad():  # softplus(log(e^v - 1)) = v: as if training had moved eps and lam_q
+        aggr.eps_raw.fill_(math.log(math.expm1(0.964)))
+        aggr.lam_q_raw.fill_(math.log(math.expm1(0.918)))
+    assert repr(aggr).startswith(
+        'UOTAggregation(solver=sinkhorn, num_iters=3, eps=0.964, lam_p=inf, lam_q=0.918, ')
+    per_iteration = UOTAggregation(num_iters=3, eps=[0.5, 0.25, 2.0])
+    assert 'eps=[0.5, 0.25, 2], lam_p=inf, lam_q=1, ' in repr(per_iteration)
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_values_per_iteration_at_construction(solver):
+    eps = torch.tensor([1.0, 0.5, 0.5, 0.5])
+    lam_q = [2.0, 1.0, 0.5, 0.25]  # a sequence works too
+    aggr = UOTAggregation(solver=solver, eps=eps, lam_q=lam_q, lam_p=2.0)
+    assert aggr.per_iteration  # implied
+    assert {name for name, _ in aggr.named_parameters()} >= {'eps_raw', 'lam_q_raw', 'lam_p_raw'}
+    torch.testing.assert_close(aggr.value('eps'), eps)
+    torch.testing.assert_close(aggr.value('lam_q'), torch.tensor(lam_q))
+    torch.testing.assert_close(aggr.value('lam_p'), torch.full((4, ), 2.0))
+    with torch.no_grad():
+        aggr.eps_raw.add_(1.0)
+    aggr.reset_parameters()
+    torch.testing.assert_close(aggr.value('eps'), eps)
+    # The layer is the functional form with those schedules (which test_functional checks densely);
+    # fixed values hold them exactly.
+    fixed = UOTAggregation(solver=solver, eps=eps, lam_q=lam_q, lam_p=2.0, learn=False).double()
+    x, index = ragged_batch([3, 6, 1], 5, seed=4)
+    expected = uotp_geometric.uot_pool(x, index, solver=solver, eps=eps.double(), lam_q=lam_q,
+                                       lam_p=2.0, num_iters=4)
+    torch.testing.assert_close(fixed(x, index), expected, rtol=1e-12, atol=1e-12)
+    # An entry of 0 or inf cannot be learned through the softplus: that value stays fixed.
+    fixed = UOTAggregation(solver=solver, lam_p=[INF, 1.0, 1.0, 1.0])
+    assert 'lam_p_raw' not in dict(fixed.named_parameters())
+    assert fixed.value('lam_p').tolist() == [INF, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"'eps' must be a scalar or have shape \(4,\)"):
+        UOTAggregation(solver=solver, eps=[1.0, 0.5])
+    with pytest.raises(ValueError, match="'lam_q' must be non-negative"):
+        UOTAggregation(solver=solver, lam_q=[1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize('prior', ['uniform', 'attention', 'power'])
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_bfloat16_model_trains_a_step(solver, prior):
+    # model.to(torch.bfloat16): the readout returns bf16, so the next bf16 Linear composes.
+    torch.manual_seed(0)
+    x, index = ragged_batch([3, 5, 2, 4], 6, dtype=torch.float32)
+    y = torch.tensor([0, 1, 1, 0])
+    model = torch.nn.ModuleDict(dict(
+        lin=torch.nn.Linear(6, 8),
+        pool=UOTAggregation(solver=solver, prior=prior, channels=8, lam_p=1.0),
+        out=torch.nn.Linear(8, 2))).to(torch.bfloat16)
+    before = model['out'].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pooled = model['pool'](model['lin'](x.to(torch.bfloat16)), index)
+    assert pooled.dtype == torch.bfloat16 and torch.isfinite(pooled).all()
+    loss = torch.nn.functional.cross_entropy(model['out'](pooled), y)
+    loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.isfinite(param).all(), name
+        assert torch.isfinite(param.grad).all(), name
+    assert model['pool'].eps_raw.grad.abs().sum() > 0  # the readout's values learn too
+    assert not torch.equal(model['out'].weight, before)
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_no_feature_columns_give_the_empty_result(solver):
+    x = torch.randn(5, 0, requires_grad=True)
+    index = torch.tensor([0, 0, 1, 2, 2])
+    aggr = UOTAggregation(solver=solver)
+    out = aggr(x, index, dim_size=4)
+    assert out.shape == SumAggregation()(x, index, dim_size=4).shape == (4, 0)
+    assert aggr.plan(x, index).shape == (5, 0)
+    assert aggr(torch.randn(7, 3, 0), torch.tensor([0, 1, 1, 0, 2, 2, 2]), dim=0).shape == (3, 3, 0)
+    out.sum().backward()
+    assert x.grad.shape == (5, 0)
 
 
 @pytest.mark.parametrize('solver', SOLVERS)
