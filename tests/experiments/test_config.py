@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments.config import RUNTIME_FIELDS, Config, parse_config
-from experiments.models import POOLINGS, make_readout
+from experiments.models import POOLINGS
 from uotp_geometric import UOTAggregation
 
 
@@ -28,8 +28,8 @@ def test_yaml_then_flags(tmp_path):
 def test_every_field_has_a_flag(field):
     kind = typing.get_type_hints(Config)[field.name]
     value, text = {int: (12, "12"), float: (0.125, "0.125"), bool: (False, "false"), str: ("xyz", "xyz")}[kind]
-    if field.name == "pooling":  # a name from a list
-        value, text = "mean", "mean"
+    if field.name in ("pooling", "uot_prior"):  # a name from a list
+        value, text = {"pooling": ("mean", "mean"), "uot_prior": ("power", "power")}[field.name]
     assert getattr(parse_config([f"--{field.name}", text]), field.name) == value
 
 
@@ -111,10 +111,10 @@ def test_threads_is_a_runtime_field():
 
 def test_layer_readout_and_harness_start_from_the_same_values():
     layer = inspect.signature(UOTAggregation).parameters
-    readout = inspect.signature(make_readout).parameters
-    for name in ("eps", "lam_p", "lam_q"):
-        assert layer[name].default == readout[name].default == getattr(Config, f"uot_{name}"), name
-    assert readout["gw"].default == Config.uot_gw  # the starting weight of rot and rot_badmm
+    for name in ("eps", "lam_p", "lam_q", "rho", "prior", "per_iteration", "mass_exponent"):
+        assert layer[name].default == getattr(Config, f"uot_{name}"), name
+    assert layer["num_iters"].default == Config.num_iters
+    assert Config.uot_gw == 0.1  # the starting weight of rot and rot_badmm (the layer's gw = 0 is plain UOT)
     assert layer["lam_p"].default == math.inf
     # The README's first snippet builds the layer with its defaults for these values.
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
