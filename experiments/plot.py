@@ -3,7 +3,7 @@
 From a run directory of ``experiments.train`` it writes into ``DIR``:
 
 - ``parameters.png``: the learned UOT values over training, from the per-epoch logs (``fold*.csv`` or
-  ``seed*.csv``; columns ``uot_<name>`` or ``uot_<name>_<k>``, see :func:`uotp_geometric.plot.parameter_columns`),
+  ``seed*.csv``; columns ``uot_<name>`` or ``uot_<name>_<k>``, see :func:`experiments.records.uot_columns`),
   one thin line per fold or seed and their median;
 - ``plan_<graph>.png``: the transport plans of a few test graphs of one fold under its checkpoint
   (``fold0.pt`` by default), nodes named by their label where the dataset's README names them (MUTAG: atom types);
@@ -35,7 +35,8 @@ from torch_geometric.nn import aggr
 from experiments.config import Config
 from experiments.train import OGBTask, Task, TUTask
 from uotp_geometric import UOTAggregation
-from uotp_geometric.plot import Figure, describe_layer, layer_plan, parameter_columns, plot_parameters, plot_plan
+from experiments.records import uot_columns
+from uotp_geometric.plot import Figure, describe_layer, layer_plan, plot_parameters, plot_plan
 
 MAX_NODES = 40  # plan pictures prefer test graphs this small, so that every node can be named
 
@@ -50,6 +51,22 @@ def read_logs(run: Path) -> dict[str, dict[str, list[str]]]:
         columns = list(rows[0]) if rows else []
         logs[path.stem] = {column: [row[column] for row in rows] for column in columns}
     return logs
+
+
+def logged_values(log: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The UOT values of a per-epoch log (:func:`read_logs`) as :func:`~uotp_geometric.plot.plot_parameters`
+    takes them: ``{name: array}``, of shape ``(epochs,)``, or ``(epochs, num_iters)`` for a per-iteration
+    value. An empty cell (a row logged before the column existed) is NaN, a gap in the line."""
+    def column(name: str) -> np.ndarray:
+        return np.array([float(cell) if cell else np.nan for cell in log[name]])
+
+    values = {}
+    for name, by_k in uot_columns(list(log)).items():
+        if list(by_k) == [None]:
+            values[name] = column(by_k[None])
+        else:
+            values[name] = np.stack([column(by_k[k]) for k in sorted(by_k)], axis=1)
+    return values
 
 
 def classic_poolings(layer: UOTAggregation, x: Tensor, index: Tensor, num_graphs: int) -> dict[str, Tensor]:
@@ -277,11 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logs = read_logs(args.run)
     if not logs:
         note(f"{args.run}: no per-epoch logs (fold*.csv or seed*.csv), so no parameter trajectories")
-    elif not any(parameter_columns(list(log)) for log in logs.values()):
+    elif not any(uot_columns(list(log)) for log in logs.values()):
         note(f"{args.run}: the per-epoch logs have no uot_* columns (a run from before the harness logged the UOT "
              f"values, or not a UOT run), so no parameter trajectories")
     else:
-        logged = [log for log in logs.values() if parameter_columns(list(log))]
+        logged = [logged_values(log) for log in logs.values() if uot_columns(list(log))]
         unit = next(iter(logs)).rstrip("0123456789")
         save(plot_parameters(logged, title=f"{_run_name(args.run)}: learned UOT values over training, "
                                            f"{len(logged)} {unit}s"), "parameters.png")

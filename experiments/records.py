@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from uotp_geometric import UOTAggregation
+from uotp_geometric.plot import PARAMETERS, learned_values
 
 
 @contextlib.contextmanager
@@ -133,23 +135,52 @@ class EpochProgress:
 
 
 def uot_values(model: torch.nn.Module) -> dict[str, float]:
-    """The current value of every parameter of every :class:`UOTAggregation` in ``model``, for the per-epoch log.
+    """The current value of every parameter of every :class:`UOTAggregation` in ``model``
+    (:func:`uotp_geometric.plot.learned_values`), for the per-epoch log.
 
     A value is ``uot_<name>`` (``eps``, ``lam_p``, ... as the layer has them), or ``uot_<name>_<k>`` for
     iteration ``k = 0, 1, ...`` of a ``per_iteration`` layer; with several UOT layers, each column starts with
     the layer's module path (``convs.0.aggr.uot_eps``). A model without a UOT layer gives ``{}``.
+    :func:`uot_columns` reads the names back.
     """
     layers = [(path, module) for path, module in model.named_modules() if isinstance(module, UOTAggregation)]
     values = {}
     for path, layer in layers:
         prefix = f"{path}.uot_" if len(layers) > 1 else "uot_"
-        for name in layer.init_values:
-            value = layer.value(name).detach().cpu().tolist()
+        for name, value in learned_values(layer).items():
             if len(value) > 1:  # per_iteration
                 values.update({f"{prefix}{name}_{k}": v for k, v in enumerate(value)})
             else:
                 values[f"{prefix}{name}"] = value[0]
     return values
+
+
+# A column of uot_values: [<module path>.]uot_<name>[_<k>]. Logs of an earlier version put the module path
+# after the prefix (uot_<module path>_<name>).
+_COLUMN = re.compile(r"(?:(?P<path>.+)\.)?uot_(?P<module>.*?)(?P<name>" + "|".join(PARAMETERS) +
+                     r")(?:_(?P<k>\d+))?")
+
+
+def uot_columns(columns: Sequence[str]) -> dict[str, dict[Optional[int], str]]:
+    """The columns of :func:`uot_values` among ``columns``, grouped as ``{name: {k or None: column}}``.
+
+    ``name`` is the parameter's name (``eps``), prefixed by the layer's module path where a model has several UOT
+    layers (``convs.0.aggr.eps``); ``k`` is the iteration of a per-iteration value and ``None`` for a single
+    value. Other columns are ignored; one that starts with ``uot_`` but names no parameter of
+    :data:`uotp_geometric.plot.PARAMETERS` is kept under the rest of its name.
+    """
+    groups: dict[str, dict[Optional[int], str]] = {}
+    for column in columns:
+        match = _COLUMN.fullmatch(column)
+        if match is not None:
+            module = (match["path"] or match["module"]).strip("._/-")
+            name, k = f"{module}.{match['name']}".lstrip("."), None if match["k"] is None else int(match["k"])
+        elif column.startswith("uot_"):
+            name, k = column[len("uot_"):], None
+        else:
+            continue
+        groups.setdefault(name, {})[k] = column
+    return groups
 
 
 def git_commit() -> Optional[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments.data import load_tu
-from experiments.plot import dim_ranges, main, node_names, pooling_distances
+from experiments.plot import dim_ranges, logged_values, main, node_names, pooling_distances
 from uotp_geometric import UOTAggregation
 from tests.uotp_geometric.helpers import ragged_batch
 
@@ -130,3 +130,13 @@ def test_a_damaged_checkpoint(tmp_path, capsys):
     (run / "fold0.pt").write_bytes(b"not a checkpoint")
     main([str(run), "--out", str(tmp_path / "pictures")])
     assert f"{run / 'fold0.pt'} cannot be read" in capsys.readouterr().out
+
+
+def test_logged_values_from_csv_cells():
+    log = {"epoch": ["1", "2", "3"], "train_loss": ["0.5", "0.4", "0.3"], "uot_eps": ["1.0", "0.9", "0.8"],
+           "uot_lam_q_1": ["2.0", "2.5", "3.0"], "uot_lam_q_0": ["", "1.5", "1.25"], "uot_lam_p": ["inf"] * 3}
+    values = logged_values(log)
+    assert sorted(values) == ["eps", "lam_p", "lam_q"]
+    np.testing.assert_array_equal(values["eps"], [1.0, 0.9, 0.8])
+    np.testing.assert_array_equal(values["lam_p"], [math.inf] * 3)
+    np.testing.assert_array_equal(values["lam_q"], [[math.nan, 2.0], [1.5, 2.5], [1.25, 3.0]])  # column k = 0, 1
