@@ -1,6 +1,7 @@
 """What a run leaves on disk: files replaced atomically (a killed run never leaves half a file), per-epoch CSV
-logs, ``results.json``, the commit that produced them, the lock that keeps a second run out of a run
-directory, and the learned UOT values logged per epoch."""
+logs, the checkpoints a run resumes from, ``results.json``, the commit that produced them and whether the tree
+had changes, the lock that keeps a second run out of a run directory, and the learned UOT values logged per
+epoch."""
 from __future__ import annotations
 
 import contextlib
@@ -114,6 +115,40 @@ def damaged(path: Path, error: Exception, remedy: str) -> SystemExit:
     return SystemExit(f"{path} is damaged ({type(error).__name__}); {remedy}")
 
 
+def resume(path: Path, config: Any, runtime_fields: frozenset, states: dict[str, Any], remedy: str,
+           device: torch.device) -> tuple[int, Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """Loads the checkpoint at ``path`` into ``states`` (each model, optimiser or scheduler under its key in the
+    checkpoint) and returns its epoch, best result and per-epoch log; ``(0, None, [])`` where there is none.
+
+    A checkpoint of another run (:func:`check_resumable`) or one that cannot be read (:func:`damaged`, naming
+    ``remedy``) ends the run with one line.
+    """
+    if not path.exists():
+        return 0, None, []
+    try:
+        ckpt = torch.load(path, map_location=device)
+        saved = ckpt["config"]
+    except CHECKPOINT_ERRORS as error:
+        raise damaged(path, error, remedy) from None
+    check_resumable(saved, config, runtime_fields, path)
+    try:
+        for key, state in states.items():
+            state.load_state_dict(ckpt[key])
+        return ckpt["epoch"], ckpt["best"], ckpt["history"]
+    except CHECKPOINT_ERRORS as error:
+        raise damaged(path, error, remedy) from None
+
+
+def save_checkpoint(path: Path, config: Any, epoch: int, states: dict[str, Any], best: Optional[dict[str, Any]],
+                    history: list[dict[str, Any]]) -> None:
+    """Replaces the checkpoint at ``path`` with what :func:`resume` reads: the config dataclass, the epoch, the
+    state of each object of ``states`` under its key, the best result and the per-epoch log."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(config=dataclasses.asdict(config), epoch=epoch,
+                        **{key: state.state_dict() for key, state in states.items()}, best=best, history=history),
+                   tmp)
+
+
 class EpochProgress:
     """Progress over the epochs of one fold or seed: a tqdm bar on a terminal; otherwise (a log file) one plain
     line per epoch, since a bar redrawn with carriage returns reads badly in a file."""
@@ -183,10 +218,22 @@ def uot_columns(columns: Sequence[str]) -> dict[str, dict[Optional[int], str]]:
     return groups
 
 
-def git_commit() -> Optional[str]:
-    """The commit checked out where this file lives, or ``None`` outside a git checkout."""
+def _git(*args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def git_commit() -> Optional[str]:
+    """The commit checked out where this file lives, or ``None`` outside a git checkout."""
+    return _git("rev-parse", "HEAD")
+
+
+def git_dirty() -> Optional[bool]:
+    """Whether the checkout where this file lives has changes not committed (untracked files included, as the
+    benchmark's ``tree dirty``), so that ``results.json`` says when its commit alone does not give its code;
+    ``None`` outside a git checkout."""
+    status = _git("status", "--porcelain")
+    return None if status is None else bool(status)

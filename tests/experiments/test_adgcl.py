@@ -60,6 +60,8 @@ def test_acceptance(cache, tmp_path):
     assert all(0 <= seed["test_acc"] <= 1 and 0 <= seed["val_acc"] <= 1 for seed in results["seeds"])
     assert results["mean"] == results["seeds"][0]["test_acc"]
     assert results["std"] is None  # one seed
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert results["dirty"] == bool(status.stdout.strip())  # whether the commit alone gives the code
     assert results["config"]["folds"] == 10 and results["config"]["epochs"] == 2
     rows = _rows(tmp_path / "seed0.csv", drop=())
     assert [int(row["epoch"]) for row in rows] == [1, 2]

@@ -40,6 +40,10 @@ def _train(*args):
                           capture_output=True, text=True)
 
 
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _results(out):
     return json.loads((out / "results.json").read_text())
 
@@ -60,6 +64,8 @@ def test_results_and_logs(reference):
     results = _results(reference)
     assert (results["dataset"], results["pooling"], results["metric"]) == ("MUTAG", "uot", "accuracy")
     assert results["config"]["folds"] == 3 and results["config"]["epochs"] == EPOCHS
+    assert results["commit"] == _git("rev-parse", "HEAD")
+    assert results["dirty"] == bool(_git("status", "--porcelain"))
     assert [fold["fold"] for fold in results["folds"]] == [0, 1, 2]
     accs = [fold["test_acc"] for fold in results["folds"]]
     assert all(0 <= acc <= 1 for acc in accs)
