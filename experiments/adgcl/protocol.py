@@ -74,6 +74,9 @@ class AdgclConfig(UOTOptions):
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError(f"--folds needs at least 2 (got {self.folds})")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1 (got {self.epochs})")
+        self.check_uot(self.pooling)
 
 
 # Fields that do not change what a seed computes: a seed's checkpoint may be resumed under other values.

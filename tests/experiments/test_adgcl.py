@@ -20,6 +20,7 @@ from sklearn.svm import LinearSVC
 
 from experiments.adgcl.model import WeightedGINConv, drop_regulariser, nt_xent
 from experiments.adgcl.protocol import C_GRID, AdgclConfig, main, parse_config, svm_fold_accuracies
+from experiments.config import CHOICES
 from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,8 +212,9 @@ def test_every_field_has_a_flag(field):
     kind = typing.get_type_hints(AdgclConfig)[field.name]
     value, text = {int: (12, ["12"]), float: (0.125, ["0.125"]), str: ("xyz", ["xyz"]),
                    list[int]: ([1, 2], ["1", "2"]), bool: (True, ["true"])}[kind]
-    if field.name == "pooling":
-        value, text = "set2set", ["set2set"]  # a pooling name, not any string
+    if field.name in CHOICES:  # a name from a list, not any string
+        value = CHOICES[field.name][-1]
+        text = [value]
     assert getattr(parse_config([f"--{field.name}", *text]), field.name) == value
 
 
@@ -287,3 +289,13 @@ def test_missing_root_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--pooling", "uot", "--uot_eps", "-1"], "--uot_eps must be positive for solver='sinkhorn' (got -1.0)")])
+def test_bad_values_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as error:
+        main(["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *argv])
+    assert error.value.code == 2 and capsys.readouterr().err.endswith(f"error: {message} (see --help)\n")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -251,7 +251,7 @@ def test_threads_may_change_on_resume(reference, cache):
 
 @pytest.mark.parametrize("mistake", [["--pooling", "uott"], ["--epoch", "2"], ["--folds", "2"],
                                      ["--dataset", "ogbg-molnothing"], ["--root", "/nonexistent/root"],
-                                     ["--restart", "3"]])
+                                     ["--restart", "3"], ["--epochs", "0"], ["--uot_eps", "-1"]])
 def test_command_line_mistakes_exit_2_and_write_nothing(tmp_path, mistake, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     with pytest.raises(SystemExit) as error:
@@ -265,6 +265,10 @@ def test_command_line_mistakes_exit_2_and_write_nothing(tmp_path, mistake, capsy
         assert "--root /nonexistent/root does not exist" in err
     if mistake[0] == "--restart":
         assert "--restart 3: no such fold (this run has 0, 1, 2)" in err
+    if mistake[0] == "--epochs":
+        assert "--epochs must be at least 1 (got 0)" in err
+    if mistake[0] == "--uot_eps":
+        assert "--uot_eps must be positive for solver='sinkhorn' (got -1.0)" in err
 
 
 def test_unknown_pooling_as_a_user_sees_it(tmp_path):
