@@ -32,7 +32,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.nn import aggr
 
-from experiments.config import Config
+from experiments.config import Config, UsageError
 from experiments.train import OGBTask, Task, TUTask
 from uotp_geometric import UOTAggregation
 from experiments.records import uot_columns
@@ -239,7 +239,10 @@ def load_fold(run: Path, fold: Optional[int], root: Optional[str],
     config = Config(**{k: v for k, v in saved.items() if k in fields})
     config.root, config.cache = root or config.root, cache or config.cache
     task = OGBTask(config) if config.is_ogb else TUTask(config)
-    task.load()
+    try:
+        task.load()
+    except UsageError as error:  # such as the run's root missing on this machine
+        return f"{error}, so no plan pictures and no pooling comparison"
     number = int(re.sub(r"\D", "", path.stem))
     test = next(split[2] for index, _, split in task.splits() if index == number)
     model = task.model()

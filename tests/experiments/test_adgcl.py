@@ -21,6 +21,7 @@ from sklearn.svm import LinearSVC
 from experiments.adgcl.model import WeightedGINConv, drop_regulariser, nt_xent
 from experiments.adgcl.protocol import C_GRID, AdgclConfig, main, parse_config, svm_fold_accuracies
 from experiments.config import CHOICES
+from experiments.data import load_tu
 from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -279,15 +280,16 @@ def test_damaged_checkpoint_is_named_in_one_line(reference, cache, tmp_path):
                                                 "train seed 0 again"]
 
 
-def test_missing_root_is_one_line_and_exit_2(tmp_path):
-    # A fresh cache: with the dataset already cached, the root is not read at all.
-    config = str(REPO / "configs/adgcl/mutag.yaml")
-    args = ["--config", config, "--root", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "out")]
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh cache", "filled cache"])
+def test_missing_root_is_one_line_and_exit_2(cache, tmp_path, fresh):
+    if not fresh:
+        load_tu("MUTAG", REPO / "data", cache)
+    args = ["--config", str(REPO / "configs/adgcl/mutag.yaml"), "--root", str(tmp_path / "nowhere"),
+            "--cache", str(tmp_path / "cache" if fresh else cache), "--out", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "-m", "experiments.adgcl", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr.splitlines()[-1]
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"--root {tmp_path / 'nowhere'} does not exist" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -140,3 +140,10 @@ def test_logged_values_from_csv_cells():
     np.testing.assert_array_equal(values["eps"], [1.0, 0.9, 0.8])
     np.testing.assert_array_equal(values["lam_p"], [math.inf] * 3)
     np.testing.assert_array_equal(values["lam_q"], [[math.nan, 2.0], [1.5, 2.5], [1.25, 3.0]])  # column k = 0, 1
+
+
+def test_a_missing_root_is_one_line(run, cache, tmp_path, capsys):
+    main([str(run), "--out", str(tmp_path / "pictures"), "--cache", str(cache), "--root", "/nonexistent/root"])
+    printed = capsys.readouterr().out
+    assert "--root /nonexistent/root does not exist" in printed and "so no plan pictures" in printed
+    assert (tmp_path / "pictures/parameters.png").exists()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.data import load_tu
 from experiments.models import POOLINGS
 from experiments.train import main
 from tests.experiments.helpers import kill_after_checkpoint
@@ -269,6 +270,16 @@ def test_command_line_mistakes_exit_2_and_write_nothing(tmp_path, mistake, capsy
         assert "--epochs must be at least 1 (got 0)" in err
     if mistake[0] == "--uot_eps":
         assert "--uot_eps must be positive for solver='sinkhorn' (got -1.0)" in err
+
+
+def test_a_missing_root_is_an_error_with_a_filled_cache_too(cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    load_tu("MUTAG", REPO / "data", cache)  # the cache holds MUTAG
+    with pytest.raises(SystemExit) as error:
+        main(_args(out, cache, "--root", "/nonexistent/root"))
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and err.count("\n") == 1 and not out.exists()
+    assert "--root /nonexistent/root does not exist; point --root at a folder that holds MUTAG/raw/MUTAG_A.txt" in err
 
 
 def test_unknown_pooling_as_a_user_sees_it(tmp_path):
