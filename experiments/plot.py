@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import pickle
 import re
 import shlex
 import sys
@@ -33,9 +32,9 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import aggr
 
 from experiments.config import Config, UsageError
+from experiments.records import CHECKPOINT_ERRORS, uot_columns
 from experiments.train import OGBTask, Task, TUTask
 from uotp_geometric import UOTAggregation
-from experiments.records import uot_columns
 from uotp_geometric.plot import Figure, describe_layer, layer_plan, plot_parameters, plot_plan
 
 MAX_NODES = 40  # plan pictures prefer test graphs this small, so that every node can be named
@@ -233,8 +232,11 @@ def load_fold(run: Path, fold: Optional[int], root: Optional[str],
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
-    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+    except CHECKPOINT_ERRORS as error:
         return f"{path} cannot be read ({type(error).__name__}), so no plan pictures and no pooling comparison"
+    if "view_learner" in ckpt:
+        return (f"{path} is an AD-GCL checkpoint (an encoder trained without labels, no test split), so no plan "
+                f"pictures and no pooling comparison: they need a run of experiments.train")
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in saved.items() if k in fields})
     config.root, config.cache = root or config.root, cache or config.cache

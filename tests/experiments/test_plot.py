@@ -147,3 +147,18 @@ def test_a_missing_root_is_one_line(run, cache, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--root /nonexistent/root does not exist" in printed and "so no plan pictures" in printed
     assert (tmp_path / "pictures/parameters.png").exists()
+
+
+def test_an_adgcl_run_gets_its_parameters_and_one_line_about_plans(cache, tmp_path):
+    run = tmp_path / "adgcl"
+    subprocess.run([sys.executable, "-m", "experiments.adgcl", "--root", str(REPO / "data"), "--cache", str(cache),
+                    "--pooling", "uot", "--epochs", "2", "--seeds", "0", "--folds", "2", "--out", str(run)], cwd=REPO,
+                   check=True, capture_output=True)
+    out = tmp_path / "pictures"
+    done = subprocess.run([sys.executable, "-m", "experiments.plot", str(run), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.splitlines() == [
+        f"{run / 'seed0.pt'} is an AD-GCL checkpoint (an encoder trained without labels, no test split), so no plan "
+        f"pictures and no pooling comparison: they need a run of experiments.train", f"1 files -> {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "parameters.png"]
