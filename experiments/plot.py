@@ -124,11 +124,16 @@ def dim_ranges(dims: Sequence[int]) -> str:
 
 
 def distance_table(names: list[str], distances: np.ndarray) -> list[str]:
-    """Markdown rows: per pooling its mean and median distance over dimensions, and the dimensions it is the
-    closest pooling on."""
+    """Markdown: a line naming the dimensions left out (constant over the nodes, so without a distance), then per
+    pooling its mean and median distance over the other dimensions, and the dimensions it is the closest pooling
+    on."""
     valid = ~np.isnan(distances).any(axis=0)
     closest = np.where(valid, np.nanargmin(np.where(valid, distances, 0.0), axis=0), -1)
-    lines = ["| pooling | mean distance | median distance | closest on | dims where closest |",
+    constant = np.flatnonzero(~valid).tolist()
+    lines = [f"{int(valid.sum())} of {len(valid)} dimensions compared; "
+             + (f"{len(constant)} constant over the nodes ({dim_ranges(constant)}) have no distance and are left out."
+                if constant else "none is constant over the nodes."), "",
+             "| pooling | mean distance | median distance | closest on | dims where closest |",
              "|---|---:|---:|---:|---|"]
     for i, name in enumerate(names):
         dims = np.flatnonzero(closest == i).tolist()

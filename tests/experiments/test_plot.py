@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments.data import load_tu
-from experiments.plot import dim_ranges, logged_values, main, node_names, pooling_distances
+from experiments.plot import dim_ranges, distance_table, logged_values, main, node_names, pooling_distances
 from uotp_geometric import UOTAggregation
 from tests.uotp_geometric.helpers import ragged_batch
 
@@ -140,6 +140,16 @@ def test_logged_values_from_csv_cells():
     np.testing.assert_array_equal(values["eps"], [1.0, 0.9, 0.8])
     np.testing.assert_array_equal(values["lam_p"], [math.inf] * 3)
     np.testing.assert_array_equal(values["lam_q"], [[math.nan, 2.0], [1.5, 2.5], [1.25, 3.0]])  # column k = 0, 1
+
+
+def test_the_table_names_the_constant_dimensions():
+    distances = np.array([[0.1, np.nan, 0.5, np.nan, 0.2],
+                          [0.3, np.nan, 0.4, np.nan, 0.1]])
+    lines = distance_table(["mean", "max"], distances)
+    assert lines[0] == "3 of 5 dimensions compared; 2 constant over the nodes (1, 3) have no distance and are left out."
+    assert lines[4] == "| mean | 0.267 | 0.2 | 1 of 3 | 0 |"
+    assert lines[5] == "| max | 0.267 | 0.3 | 2 of 3 | 2, 4 |"
+    assert distance_table(["mean"], np.ones((1, 2)))[0] == "2 of 2 dimensions compared; none is constant over the nodes."
 
 
 def test_a_missing_root_is_one_line(run, cache, tmp_path, capsys):
