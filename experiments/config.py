@@ -61,6 +61,9 @@ class Config(UOTOptions):
                              f"fold (got {self.folds})")
         if self.threads < 0:
             raise ValueError(f"--threads must be 0 (torch's choice) or positive (got {self.threads})")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1 (got {self.epochs})")
+        self.check_uot(self.pooling)
 
     @property
     def is_ogb(self) -> bool:

@@ -73,6 +73,21 @@ class UOTOptions:
         """These options alone, as a :class:`UOTOptions` (for a subclass such as a run config)."""
         return UOTOptions(**{f.name: getattr(self, f.name) for f in fields(UOTOptions)})
 
+    def check_uot(self, pooling: str) -> None:
+        """Raises ``ValueError`` where the layer of ``pooling`` rejects these options, naming the flags
+        (``--uot_eps must be positive ...``); nothing for a pooling that is not UOT. A run config calls it when it
+        is read, so that a bad value ends the command in one line instead of a traceback once the model is built.
+        """
+        if pooling not in UOT_POOLINGS:
+            return
+        try:
+            _uot_layer(pooling, 1, self)
+        except ValueError as error:
+            message = str(error)
+            for option in fields(UOTOptions):  # the layer names its arguments, the user typed the flags
+                message = message.replace(f"'{option.name.removeprefix('uot_')}'", f"--{option.name}")
+            raise ValueError(message) from None
+
 
 UOT_POOLINGS = ("uot", "uot_badmm", "rot", "rot_badmm")
 # What runs computed before these options existed: a results.json without the key had this value.

@@ -38,8 +38,8 @@ from experiments.config import CHOICES, UsageError, dataclass_parser, parse_data
 from experiments.data import load_tu
 from experiments.models import UOTOptions
 from experiments.protocol import derive_seed, summarize
-from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, damaged, epoch_seconds,
-                                 git_commit, run_lock, uot_values, write_csv, write_json)
+from experiments.records import (EpochProgress, epoch_seconds, git_commit, git_dirty, resume, run_lock,
+                                 save_checkpoint, uot_values, write_csv, write_json)
 
 CSV_FIELDS = ("epoch", "model_loss", "view_loss", "reg", "train_acc", "val_acc", "test_acc", "train_seconds",
               "seconds")
@@ -74,6 +74,9 @@ class AdgclConfig(UOTOptions):
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError(f"--folds needs at least 2 (got {self.folds})")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1 (got {self.epochs})")
+        self.check_uot(self.pooling)
 
 
 # Fields that do not change what a seed computes: a seed's checkpoint may be resumed under other values.
@@ -194,22 +197,10 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
     model_optimizer = Adam(model.parameters(), lr=config.lr)
     view_optimizer = Adam(view_learner.parameters(), lr=config.lr)
 
-    epoch, best, history = 0, None, []
-    if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device)
-            saved = ckpt["config"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
-        check_resumable(saved, config, RUNTIME_FIELDS, ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            view_learner.load_state_dict(ckpt["view_learner"])
-            model_optimizer.load_state_dict(ckpt["model_optimizer"])
-            view_optimizer.load_state_dict(ckpt["view_optimizer"])
-            epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
+    states = dict(model=model, view_learner=view_learner, model_optimizer=model_optimizer,
+                  view_optimizer=view_optimizer)
+    epoch, best, history = resume(ckpt_path, config, RUNTIME_FIELDS, states,
+                                  f"move it aside to train seed {seed} again", device)
 
     y = dataset.y.numpy()
     progress = EpochProgress(f"AD-GCL {config.dataset} {config.pooling} seed {seed}", epoch, config.epochs)
@@ -237,10 +228,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
                         history[-1]["seconds"])
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
         write_csv(ckpt_path.with_suffix(".csv"), CSV_FIELDS, history)
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
-                            view_learner=view_learner.state_dict(), model_optimizer=model_optimizer.state_dict(),
-                            view_optimizer=view_optimizer.state_dict(), best=best, history=history), tmp)
+        save_checkpoint(ckpt_path, config, epoch, states, best, history)
     progress.close()
     return best, history
 
@@ -270,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         mean, std = summarize([result["test_acc"] for result in seeds])
         results = dict(dataset=config.dataset, pooling=config.pooling, metric="accuracy", protocol="adgcl",
                        svm=svm_setting(config.svm_search), config=dataclasses.asdict(config), commit=git_commit(),
-                       seeds=seeds, mean=mean, std=std, **epoch_seconds(seconds))
+                       dirty=git_dirty(), seeds=seeds, mean=mean, std=std, **epoch_seconds(seconds))
         write_json(out / "results.json", results)
     spread = "" if std is None else f" ± {100 * std:.2f}"
     count = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
