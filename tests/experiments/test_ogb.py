@@ -15,7 +15,7 @@ pytest.importorskip("ogb")
 
 from experiments.config import parse_config  # noqa: E402
 from experiments.data import DatasetNotFound, load_ogb  # noqa: E402
-from experiments.models import BACKBONES, POOLINGS, OGBGNN  # noqa: E402
+from experiments.models import BACKBONES, POOLINGS, OGBGNN, UOTOptions  # noqa: E402
 from experiments.protocol import ShardedBatchSampler, better, higher_is_better, masked_loss  # noqa: E402
 from experiments.table import main as table  # noqa: E402
 from experiments.train import main  # noqa: E402
@@ -146,7 +146,7 @@ def _molecules(num_graphs=4):
 def test_ogb_model_trains_with_every_readout(backbone, pooling):
     torch.manual_seed(0)
     x, edge_index, edge_attr, batch = _molecules()
-    model = OGBGNN(3, pooling, backbone == "gin-virtual", emb_dim=16, num_layers=3, num_iters=2)
+    model = OGBGNN(3, pooling, backbone == "gin-virtual", emb_dim=16, num_layers=3, uot=UOTOptions(num_iters=2))
     out = model(x, edge_index, edge_attr, batch, 4)
     assert out.shape == (4, 3)
     out.square().sum().backward()
