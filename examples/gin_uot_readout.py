@@ -1,5 +1,6 @@
 """A GIN with UOT-Pooling as its readout on the bundled MUTAG data: ``python examples/gin_uot_readout.py [OUT]``
-prints the test accuracy and the learned UOT values, and saves the model to OUT/gin_uot.pt (default: .)."""
+prints the test accuracy and the learned UOT values, and saves the model to OUT/gin_uot.pt (default: examples/out/,
+which git ignores)."""
 import shutil
 import sys
 import tempfile
@@ -13,6 +14,14 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import GINConv
 
 from uotp_geometric import UOTAggregation
+
+
+def out_dir(argv):
+    """The folder named by the command line's argument, or examples/out/ beside this file, so that an example never
+    litters the folder it is run from; made if missing."""
+    out = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def load_mutag(cache):
@@ -56,4 +65,4 @@ if __name__ == "__main__":
     accuracy = (model(test.x, test.edge_index, test.batch, test.num_graphs).argmax(-1) == test.y).float().mean()
     values = {name: round(model.readout.value(name).item(), 3) for name in ("eps", "lam_p", "lam_q")}
     print(f"test accuracy {accuracy:.3f} on {test.num_graphs} graphs; learned UOT values {values}")
-    torch.save(model.state_dict(), Path(sys.argv[1] if len(sys.argv) > 1 else ".") / "gin_uot.pt")
+    torch.save(model.state_dict(), out_dir(sys.argv) / "gin_uot.pt")

@@ -1,19 +1,18 @@
 """The plan picture: trains the GIN of gin_uot_readout.py on the bundled MUTAG data and draws, for a test
 molecule, the transport plan of its UOT readout (atoms named by type) and the learned parameters.
-``python examples/plan_picture.py [OUT]`` writes OUT/plan.png and OUT/parameters.png (default: .)."""
+``python examples/plan_picture.py [OUT]`` writes OUT/plan.png and OUT/parameters.png (default: examples/out/)."""
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-from gin_uot_readout import GIN, load_mutag, train  # this folder's GIN example
+from gin_uot_readout import GIN, load_mutag, out_dir, train  # this folder's GIN example
 from uotp_geometric.plot import plot_parameters, plot_plan
 
 ATOMS = ["C", "N", "O", "F", "I", "Cl", "Br"]  # MUTAG's node labels, from data/MUTAG/raw/README.txt
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out = out_dir(sys.argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         dataset = load_mutag(cache).shuffle()

@@ -1,10 +1,9 @@
 """``aggr="uot"`` in a message-passing layer: GraphSAGE whose neighbourhood aggregation is UOT-Pooling, trained on
 the bundled MUTAG data. ``python examples/uot_message_passing.py [OUT]`` prints the test accuracy and what each
-layer's aggregation learned, and writes them to OUT/uot_message_passing.json (default: .)."""
+layer's aggregation learned, and writes them to OUT/uot_message_passing.json (default: examples/out/)."""
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from torch.nn import Linear
@@ -12,7 +11,7 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import SAGEConv, global_mean_pool
 
 import uotp_geometric  # noqa: F401  (registers aggr="uot" with PyG)
-from gin_uot_readout import load_mutag, train  # this folder's GIN example
+from gin_uot_readout import load_mutag, out_dir, train  # this folder's GIN example
 
 
 class SAGE(torch.nn.Module):
@@ -41,4 +40,4 @@ if __name__ == "__main__":
     print(f"test accuracy {accuracy:.3f} on {test.num_graphs} graphs; aggregation {model.convs[0].aggr_module}")
     print(f"learned: {learned}")
     results = dict(test_accuracy=accuracy.item(), learned=learned)
-    (Path(sys.argv[1] if len(sys.argv) > 1 else ".") / "uot_message_passing.json").write_text(json.dumps(results))
+    (out_dir(sys.argv) / "uot_message_passing.json").write_text(json.dumps(results))

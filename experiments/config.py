@@ -18,17 +18,19 @@ from typing import Any, Mapping, NoReturn, Optional, Sequence, TypeVar
 
 import yaml
 
-from experiments.models import POOLINGS
+from experiments.models import POOLINGS, UOTOptions
+from uotp_geometric.aggr import PRIORS
 
 T = TypeVar("T")
 
 
 @dataclass
-class Config:
+class Config(UOTOptions):
     """One run: TU graph classification or, for a dataset named ``ogbg-*``, OGB graph property prediction.
 
     The defaults are PyG's ``benchmark/kernel`` protocol for TU datasets (k-fold cross-validation, one seed);
     ``configs/ogb/*.yaml`` set OGB's ``examples/graphproppred/mol`` recipe (official split, one run per seed).
+    The UOT readout's options are those of :class:`~experiments.models.UOTOptions`.
     """
 
     dataset: str = "MUTAG"  # a TUDataset name, or an OGB name such as ogbg-molhiv
@@ -47,13 +49,6 @@ class Config:
     num_layers: int = 5
     dropout: float = 0.5
     batch_norm: bool = True
-    num_iters: int = 4  # K, the UOT solver's iterations
-    # Initial UOT values (learned from there; inf stays fixed). A hard feature marginal keeps the pooled
-    # mass at 1: with the spec's lam_p = 1 the mass grows like exp(|x| / eps) and training diverges.
-    uot_eps: float = 1.0
-    uot_lam_p: float = float("inf")
-    uot_lam_q: float = 1.0
-    uot_gw: float = 0.1  # rot, rot_badmm: the initial weight of ROT-Pooling's structure term
     seed: int = 0  # TU: the run's seed; OGB: the first of num_seeds consecutive seeds
     num_seeds: int = 1  # OGB only: one run per seed, seed, seed + 1, ...
     device: str = "cpu"
@@ -66,6 +61,9 @@ class Config:
                              f"fold (got {self.folds})")
         if self.threads < 0:
             raise ValueError(f"--threads must be 0 (torch's choice) or positive (got {self.threads})")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1 (got {self.epochs})")
+        self.check_uot(self.pooling)
 
     @property
     def is_ogb(self) -> bool:
@@ -112,15 +110,18 @@ def _bool(text: str) -> bool:
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """The comment that ends each ``name: type = default  # comment`` line of ``cls``: the field's help."""
-    comments, name = {}, None
-    for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
-        if token.type == tokenize.NL or token.type == tokenize.NEWLINE:
-            name = None
-        elif token.type == tokenize.NAME and name is None and token.start[1] == 4:
-            name = token.string  # the first name of a line in the class body
-        elif token.type == tokenize.COMMENT and name is not None:
-            comments[name] = token.string.lstrip("# ")
+    """The comment that ends each ``name: type = default  # comment`` line of ``cls`` and of the dataclasses it
+    inherits from: the field's help."""
+    comments = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        name = None
+        for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(base)).readline):
+            if token.type == tokenize.NL or token.type == tokenize.NEWLINE:
+                name = None
+            elif token.type == tokenize.NAME and name is None and token.start[1] == 4:
+                name = token.string  # the first name of a line in the class body
+            elif token.type == tokenize.COMMENT and name is not None:
+                comments[name] = token.string.lstrip("# ")
     return comments
 
 
@@ -134,7 +135,8 @@ def dataclass_parser(cls: type, description: str,
     comments = _comments(cls)
     parser = _Parser(description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
-    for name, kind in kinds.items():
+    own_first = sorted(kinds, key=lambda name: name not in vars(cls).get("__annotations__", {}))
+    for name, kind in ((name, kinds[name]) for name in own_first):
         item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
         scalar = item or kind
         about = f"{kind if item else kind.__name__}, default {defaults[name]!r}"
@@ -202,7 +204,7 @@ def parse_dataclass(cls: type[T], description: str, argv: Sequence[str] | None =
 
 DESCRIPTION = ("Graph classification on TU datasets (PyG benchmark/kernel protocol) and OGB molecules (OGB's "
                "examples/graphproppred/mol).")
-CHOICES = dict(pooling=POOLINGS)
+CHOICES = dict(pooling=POOLINGS, uot_prior=PRIORS)
 
 
 def parse_run(argv: Sequence[str] | None = None) -> tuple[Config, list[int], argparse.ArgumentParser]:

@@ -39,7 +39,7 @@ class NormalizedDegree(BaseTransform):
 
 
 class DatasetNotFound(UsageError):
-    """Neither the root nor the cache holds the dataset, and it could not be downloaded."""
+    """The root does not exist, or neither it nor the cache holds the dataset and it could not be downloaded."""
 
 
 def _copy_files(src: Path, dst: Path) -> None:
@@ -56,15 +56,16 @@ def _cache_entry(entry: Path, root: Path, layout: str, build: Callable[[Path], N
     """Makes the cache folder ``entry`` unless it exists: ``build(tmp)`` fills ``tmp / entry.name`` in a
     temporary folder beside it, which is renamed to ``entry`` only once ``build`` has returned.
 
-    ``root`` must exist unless the entry does; ``layout`` says what it should hold, for the error message.
+    ``root`` must exist even where the entry does, so that a mistyped root is an error whether or not the cache
+    is filled; ``layout`` says what it should hold, for the error message.
     """
+    if not root.is_dir():
+        raise DatasetNotFound(f"--root {root} does not exist; point --root at a folder that holds {layout}, "
+                              f"or at an existing folder without it to download it into --cache")
     if entry.is_dir() and not any(path.is_file() for path in entry.rglob("*")):
         shutil.rmtree(entry)  # empty folders, as an earlier version left after a failed download
     if entry.is_dir():
         return
-    if not root.is_dir():
-        raise DatasetNotFound(f"--root {root} does not exist; point --root at a folder that holds {layout}, "
-                              f"or at an existing folder without it to download it into --cache")
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
     try:

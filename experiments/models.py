@@ -2,7 +2,8 @@
 ``benchmark/kernel`` for TU datasets, and the GIN / GIN-virtual of OGB's ``examples/graphproppred/mol``."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,103 @@ class GatedAttentionGate(torch.nn.Module):
         return self.w(self.V(x).tanh() * self.U(x).sigmoid())
 
 
-def make_readout(name: str, channels: int, num_iters: int = 4, eps: float = 1.0, lam_p: float = float("inf"),
-                 lam_q: float = 1.0, gw: float = 0.1) -> tuple[aggr.Aggregation, int]:
+@dataclass
+class UOTOptions:
+    """What the UOT poolings (``uot``, ``uot_badmm``, ``rot``, ``rot_badmm``) compute: every option of
+    :class:`~uotp_geometric.UOTAggregation` that the harness sets. The run configs inherit these fields, so each
+    is a ``--<field>`` flag of ``experiments.train`` and ``experiments.adgcl`` and is recorded in ``results.json``.
+    """
+
+    num_iters: int = 4  # K, the UOT solver's iterations
+    uot_prior: str = "uniform"  # node prior q: uniform (1/N), attention, counting (mass N), power (mass N^a)
+    uot_per_iteration: bool = False  # one value of each UOT parameter per solver iteration
+    # Initial UOT values (learned from there; inf stays fixed). A hard feature marginal keeps the pooled
+    # mass at 1: with the spec's lam_p = 1 the mass grows like exp(|x| / eps) and training diverges.
+    uot_eps: float = 1.0
+    uot_lam_p: float = float("inf")
+    uot_lam_q: float = 1.0
+    uot_rho: float = 1.0  # the initial BADMM step (uot_badmm, rot_badmm)
+    uot_mass_exponent: float = 0.5  # prior power: the initial exponent a in [0, 1] of the plan mass N^a
+    uot_gw: float = 0.1  # rot, rot_badmm: the initial weight of ROT-Pooling's structure term
+
+    def uot_options(self) -> "UOTOptions":
+        """These options alone, as a :class:`UOTOptions` (for a subclass such as a run config)."""
+        return UOTOptions(**{f.name: getattr(self, f.name) for f in fields(UOTOptions)})
+
+    def check_uot(self, pooling: str) -> None:
+        """Raises ``ValueError`` where the layer of ``pooling`` rejects these options, naming the flags
+        (``--uot_eps must be positive ...``); nothing for a pooling that is not UOT. A run config calls it when it
+        is read, so that a bad value ends the command in one line instead of a traceback once the model is built.
+        """
+        if pooling not in UOT_POOLINGS:
+            return
+        try:
+            _uot_layer(pooling, 1, self)
+        except ValueError as error:
+            message = str(error)
+            for option in fields(UOTOptions):  # the layer names its arguments, the user typed the flags
+                message = message.replace(f"'{option.name.removeprefix('uot_')}'", f"--{option.name}")
+            raise ValueError(message) from None
+
+
+UOT_POOLINGS = ("uot", "uot_badmm", "rot", "rot_badmm")
+# What runs computed before these options existed: a results.json without the key had this value.
+_BEFORE_OPTIONS = dict(uot_prior="uniform", uot_per_iteration=False, uot_rho=1.0, uot_mass_exponent=0.5)
+
+
+def run_label(pooling: str, config: dict[str, Any]) -> str:
+    """A run's name in tables: the pooling and, for a UOT pooling, its prior and every option of
+    :class:`UOTOptions` that differs from the default (from the config dict of its ``results.json``), such as
+    ``uot[per_iteration=True, prior=uniform]``."""
+    if pooling not in UOT_POOLINGS:
+        return pooling
+    values = {**asdict(UOTOptions()), **_BEFORE_OPTIONS, **config}
+    skip = {"uot_rho"} if not pooling.endswith("badmm") else set()
+    skip |= {"uot_gw"} if not pooling.startswith("rot") else set()
+    skip |= {"uot_mass_exponent"} if values["uot_prior"] != "power" else set()
+    shown = {f.name: values[f.name] for f in fields(UOTOptions)
+             if f.name not in skip and (f.name == "uot_prior" or values[f.name] != f.default)}
+    options = ", ".join(f"{name.removeprefix('uot_')}={value}" for name, value in sorted(shown.items()))
+    return f"{pooling}[{options}]"
+
+
+def parse_label(label: str) -> tuple[str, UOTOptions]:
+    """The pooling and options a :func:`run_label` names: ``"uot[per_iteration=True, prior=power]"`` gives
+    ``("uot", UOTOptions(uot_per_iteration=True, uot_prior="power"))``; a plain name gives the defaults."""
+    name, _, rest = label.partition("[")
+    if name not in POOLINGS or (rest and not rest.endswith("]")) or (rest and name not in UOT_POOLINGS):
+        raise ValueError(f"{label!r} is not a pooling name, nor a UOT pooling with [option=value, ...]")
+    kinds = {f.name: f.type for f in fields(UOTOptions)}
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, _, text = item.partition("=")
+        field = key if key == "num_iters" else f"uot_{key}"
+        if field not in kinds:
+            raise ValueError(f"{label!r}: unknown UOT option {key!r}")
+        kind = kinds[field]
+        values[field] = text == "True" if kind == "bool" else text if kind == "str" else float(text)
+        if kind == "int":
+            values[field] = int(values[field])
+    return name, UOTOptions(**values)
+
+
+def _uot_layer(name: str, channels: int, options: UOTOptions) -> UOTAggregation:
+    extra = dict(mass_exponent=options.uot_mass_exponent) if options.uot_prior == "power" else {}
+    return UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=options.num_iters,
+                          eps=options.uot_eps, lam_p=options.uot_lam_p, lam_q=options.uot_lam_q,
+                          rho=options.uot_rho, gw=options.uot_gw if name.startswith("rot") else 0.0,
+                          per_iteration=options.uot_per_iteration, prior=options.uot_prior,
+                          channels=channels if options.uot_prior == "attention" else None, **extra)
+
+
+def make_readout(name: str, channels: int,
+                 uot: Optional[UOTOptions] = None) -> tuple[aggr.Aggregation, int]:
     """The graph readout called ``name`` for ``channels``-wide node features, and its output width.
 
-    This is the one place a pooling is chosen by name, so that every pooling is trained the same way.
-    ``num_iters``, ``eps``, ``lam_p`` and ``lam_q`` set ``uot`` (Sinkhorn) and ``uot_badmm`` (BADMM): the
-    number of solver iterations and the initial values of the learned parameters. ``rot`` and ``rot_badmm``
-    are the same with ROT-Pooling's structure term, its weight learned from ``gw``.
+    This is the one place a pooling is chosen by name, so that every pooling is trained the same way. ``uot``
+    sets what ``uot`` (Sinkhorn) and ``uot_badmm`` (BADMM) compute (:class:`UOTOptions`, its defaults when
+    ``None``); ``rot`` and ``rot_badmm`` are the same with ROT-Pooling's structure term, its weight learned
+    from ``uot_gw``.
     """
     out_channels = channels
     if name == "add":
@@ -84,9 +174,8 @@ def make_readout(name: str, channels: int, num_iters: int = 4, eps: float = 1.0,
                                            global_nn=MLP([channels, channels, channels], norm=None))
     elif name == "gmt":
         readout = aggr.GraphMultisetTransformer(channels, k=16, heads=4)
-    elif name in ("uot", "uot_badmm", "rot", "rot_badmm"):
-        readout = UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=num_iters,
-                                 eps=eps, lam_p=lam_p, lam_q=lam_q, gw=gw if name.startswith("rot") else 0.0)
+    elif name in UOT_POOLINGS:
+        readout = _uot_layer(name, channels, uot or UOTOptions())
     else:
         raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}")
     return readout, out_channels
@@ -96,11 +185,11 @@ class GIN(torch.nn.Module):
     """GIN of PyG's ``benchmark/kernel/gin.py`` with the readout chosen by name.
 
     Each layer is ``GINConv(Linear-ReLU-Linear-ReLU-BatchNorm, train_eps=True)``; the graph embedding goes
-    through ``Linear-ReLU-Dropout-Linear`` to class logits. ``readout_kwargs`` go to :func:`make_readout`.
+    through ``Linear-ReLU-Dropout-Linear`` to class logits. ``uot`` goes to :func:`make_readout`.
     """
 
     def __init__(self, in_channels: int, num_classes: int, pooling: str, hidden: int = 64, num_layers: int = 5,
-                 dropout: float = 0.5, batch_norm: bool = True, **readout_kwargs: float) -> None:
+                 dropout: float = 0.5, batch_norm: bool = True, uot: Optional[UOTOptions] = None) -> None:
         super().__init__()
         self.convs = ModuleList()
         for i in range(num_layers):
@@ -110,7 +199,7 @@ class GIN(torch.nn.Module):
                 BatchNorm1d(hidden) if batch_norm else Identity(),
             )
             self.convs.append(GINConv(mlp, train_eps=True))
-        self.readout, readout_channels = make_readout(pooling, hidden, **readout_kwargs)
+        self.readout, readout_channels = make_readout(pooling, hidden, uot)
         self.lin1 = Linear(readout_channels, hidden)
         self.lin2 = Linear(hidden, num_classes)
         self.dropout = dropout
@@ -158,13 +247,13 @@ class OGBGNN(torch.nn.Module):
 
     Atoms are embedded by ``AtomEncoder``; each of the ``num_layers`` :class:`BondGINConv` layers is followed by
     BatchNorm, ReLU (except after the last) and dropout, and the last layer's node embeddings (JK "last") are
-    pooled and mapped to one logit or value per task by a linear layer. With ``virtual_node=True`` a virtual
+    pooled and mapped to one logit or value per task by a linear layer (``uot`` goes to :func:`make_readout`). With ``virtual_node=True`` a virtual
     node, connected to every atom of its molecule, is added to the node embeddings before each layer and updated
-    from their sum by an MLP between layers. ``readout_kwargs`` go to :func:`make_readout`.
+    from their sum by an MLP between layers. ``uot`` goes to :func:`make_readout`.
     """
 
     def __init__(self, num_tasks: int, pooling: str, virtual_node: bool, emb_dim: int = 300, num_layers: int = 5,
-                 dropout: float = 0.5, batch_norm: bool = True, **readout_kwargs: float) -> None:
+                 dropout: float = 0.5, batch_norm: bool = True, uot: Optional[UOTOptions] = None) -> None:
         super().__init__()
         from ogb.graphproppred.mol_encoder import AtomEncoder  # ogb is an optional dependency
 
@@ -183,7 +272,7 @@ class OGBGNN(torch.nn.Module):
             ])
         else:
             self.virtual_node = self.virtual_mlps = None
-        self.readout, readout_channels = make_readout(pooling, emb_dim, **readout_kwargs)
+        self.readout, readout_channels = make_readout(pooling, emb_dim, uot)
         self.lin = Linear(readout_channels, num_tasks)
         self.dropout = dropout
 

@@ -3,7 +3,7 @@
 From a run directory of ``experiments.train`` it writes into ``DIR``:
 
 - ``parameters.png``: the learned UOT values over training, from the per-epoch logs (``fold*.csv`` or
-  ``seed*.csv``; columns ``uot_<name>`` or ``uot_<name>_<k>``, see :func:`uotp_geometric.plot.parameter_columns`),
+  ``seed*.csv``; columns ``uot_<name>`` or ``uot_<name>_<k>``, see :func:`experiments.records.uot_columns`),
   one thin line per fold or seed and their median;
 - ``plan_<graph>.png``: the transport plans of a few test graphs of one fold under its checkpoint
   (``fold0.pt`` by default), nodes named by their label where the dataset's README names them (MUTAG: atom types);
@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import pickle
 import re
 import shlex
 import sys
@@ -32,10 +31,11 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.nn import aggr
 
-from experiments.config import Config
+from experiments.config import Config, UsageError
+from experiments.records import CHECKPOINT_ERRORS, uot_columns
 from experiments.train import OGBTask, Task, TUTask
 from uotp_geometric import UOTAggregation
-from uotp_geometric.plot import Figure, describe_layer, layer_plan, parameter_columns, plot_parameters, plot_plan
+from uotp_geometric.plot import Figure, describe_layer, layer_plan, plot_parameters, plot_plan
 
 MAX_NODES = 40  # plan pictures prefer test graphs this small, so that every node can be named
 
@@ -50,6 +50,22 @@ def read_logs(run: Path) -> dict[str, dict[str, list[str]]]:
         columns = list(rows[0]) if rows else []
         logs[path.stem] = {column: [row[column] for row in rows] for column in columns}
     return logs
+
+
+def logged_values(log: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The UOT values of a per-epoch log (:func:`read_logs`) as :func:`~uotp_geometric.plot.plot_parameters`
+    takes them: ``{name: array}``, of shape ``(epochs,)``, or ``(epochs, num_iters)`` for a per-iteration
+    value. An empty cell (a row logged before the column existed) is NaN, a gap in the line."""
+    def column(name: str) -> np.ndarray:
+        return np.array([float(cell) if cell else np.nan for cell in log[name]])
+
+    values = {}
+    for name, by_k in uot_columns(list(log)).items():
+        if list(by_k) == [None]:
+            values[name] = column(by_k[None])
+        else:
+            values[name] = np.stack([column(by_k[k]) for k in sorted(by_k)], axis=1)
+    return values
 
 
 def classic_poolings(layer: UOTAggregation, x: Tensor, index: Tensor, num_graphs: int) -> dict[str, Tensor]:
@@ -108,11 +124,16 @@ def dim_ranges(dims: Sequence[int]) -> str:
 
 
 def distance_table(names: list[str], distances: np.ndarray) -> list[str]:
-    """Markdown rows: per pooling its mean and median distance over dimensions, and the dimensions it is the
-    closest pooling on."""
+    """Markdown: a line naming the dimensions left out (constant over the nodes, so without a distance), then per
+    pooling its mean and median distance over the other dimensions, and the dimensions it is the closest pooling
+    on."""
     valid = ~np.isnan(distances).any(axis=0)
     closest = np.where(valid, np.nanargmin(np.where(valid, distances, 0.0), axis=0), -1)
-    lines = ["| pooling | mean distance | median distance | closest on | dims where closest |",
+    constant = np.flatnonzero(~valid).tolist()
+    lines = [f"{int(valid.sum())} of {len(valid)} dimensions compared; "
+             + (f"{len(constant)} constant over the nodes ({dim_ranges(constant)}) have no distance and are left out."
+                if constant else "none is constant over the nodes."), "",
+             "| pooling | mean distance | median distance | closest on | dims where closest |",
              "|---|---:|---:|---:|---|"]
     for i, name in enumerate(names):
         dims = np.flatnonzero(closest == i).tolist()
@@ -216,13 +237,19 @@ def load_fold(run: Path, fold: Optional[int], root: Optional[str],
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
-    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+    except CHECKPOINT_ERRORS as error:
         return f"{path} cannot be read ({type(error).__name__}), so no plan pictures and no pooling comparison"
+    if "view_learner" in ckpt:
+        return (f"{path} is an AD-GCL checkpoint (an encoder trained without labels, no test split), so no plan "
+                f"pictures and no pooling comparison: they need a run of experiments.train")
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in saved.items() if k in fields})
     config.root, config.cache = root or config.root, cache or config.cache
     task = OGBTask(config) if config.is_ogb else TUTask(config)
-    task.load()
+    try:
+        task.load()
+    except UsageError as error:  # such as the run's root missing on this machine
+        return f"{error}, so no plan pictures and no pooling comparison"
     number = int(re.sub(r"\D", "", path.stem))
     test = next(split[2] for index, _, split in task.splits() if index == number)
     model = task.model()
@@ -277,11 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logs = read_logs(args.run)
     if not logs:
         note(f"{args.run}: no per-epoch logs (fold*.csv or seed*.csv), so no parameter trajectories")
-    elif not any(parameter_columns(list(log)) for log in logs.values()):
+    elif not any(uot_columns(list(log)) for log in logs.values()):
         note(f"{args.run}: the per-epoch logs have no uot_* columns (a run from before the harness logged the UOT "
              f"values, or not a UOT run), so no parameter trajectories")
     else:
-        logged = [log for log in logs.values() if parameter_columns(list(log))]
+        logged = [logged_values(log) for log in logs.values() if uot_columns(list(log))]
         unit = next(iter(logs)).rstrip("0123456789")
         save(plot_parameters(logged, title=f"{_run_name(args.run)}: learned UOT values over training, "
                                            f"{len(logged)} {unit}s"), "parameters.png")

@@ -1,6 +1,7 @@
 """What a run leaves on disk: files replaced atomically (a killed run never leaves half a file), per-epoch CSV
-logs, ``results.json``, the commit that produced them, the lock that keeps a second run out of a run
-directory, and the learned UOT values logged per epoch."""
+logs, the checkpoints a run resumes from, ``results.json``, the commit that produced them and whether the tree
+had changes, the lock that keeps a second run out of a run directory, and the learned UOT values logged per
+epoch."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from uotp_geometric import UOTAggregation
+from uotp_geometric.plot import PARAMETERS, learned_values
 
 
 @contextlib.contextmanager
@@ -112,6 +115,40 @@ def damaged(path: Path, error: Exception, remedy: str) -> SystemExit:
     return SystemExit(f"{path} is damaged ({type(error).__name__}); {remedy}")
 
 
+def resume(path: Path, config: Any, runtime_fields: frozenset, states: dict[str, Any], remedy: str,
+           device: torch.device) -> tuple[int, Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """Loads the checkpoint at ``path`` into ``states`` (each model, optimiser or scheduler under its key in the
+    checkpoint) and returns its epoch, best result and per-epoch log; ``(0, None, [])`` where there is none.
+
+    A checkpoint of another run (:func:`check_resumable`) or one that cannot be read (:func:`damaged`, naming
+    ``remedy``) ends the run with one line.
+    """
+    if not path.exists():
+        return 0, None, []
+    try:
+        ckpt = torch.load(path, map_location=device)
+        saved = ckpt["config"]
+    except CHECKPOINT_ERRORS as error:
+        raise damaged(path, error, remedy) from None
+    check_resumable(saved, config, runtime_fields, path)
+    try:
+        for key, state in states.items():
+            state.load_state_dict(ckpt[key])
+        return ckpt["epoch"], ckpt["best"], ckpt["history"]
+    except CHECKPOINT_ERRORS as error:
+        raise damaged(path, error, remedy) from None
+
+
+def save_checkpoint(path: Path, config: Any, epoch: int, states: dict[str, Any], best: Optional[dict[str, Any]],
+                    history: list[dict[str, Any]]) -> None:
+    """Replaces the checkpoint at ``path`` with what :func:`resume` reads: the config dataclass, the epoch, the
+    state of each object of ``states`` under its key, the best result and the per-epoch log."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(config=dataclasses.asdict(config), epoch=epoch,
+                        **{key: state.state_dict() for key, state in states.items()}, best=best, history=history),
+                   tmp)
+
+
 class EpochProgress:
     """Progress over the epochs of one fold or seed: a tqdm bar on a terminal; otherwise (a log file) one plain
     line per epoch, since a bar redrawn with carriage returns reads badly in a file."""
@@ -133,29 +170,70 @@ class EpochProgress:
 
 
 def uot_values(model: torch.nn.Module) -> dict[str, float]:
-    """The current value of every parameter of every :class:`UOTAggregation` in ``model``, for the per-epoch log.
+    """The current value of every parameter of every :class:`UOTAggregation` in ``model``
+    (:func:`uotp_geometric.plot.learned_values`), for the per-epoch log.
 
     A value is ``uot_<name>`` (``eps``, ``lam_p``, ... as the layer has them), or ``uot_<name>_<k>`` for
     iteration ``k = 0, 1, ...`` of a ``per_iteration`` layer; with several UOT layers, each column starts with
     the layer's module path (``convs.0.aggr.uot_eps``). A model without a UOT layer gives ``{}``.
+    :func:`uot_columns` reads the names back.
     """
     layers = [(path, module) for path, module in model.named_modules() if isinstance(module, UOTAggregation)]
     values = {}
     for path, layer in layers:
         prefix = f"{path}.uot_" if len(layers) > 1 else "uot_"
-        for name in layer.init_values:
-            value = layer.value(name).detach().cpu().tolist()
-            if layer.per_iteration:
+        for name, value in learned_values(layer).items():
+            if len(value) > 1:  # per_iteration
                 values.update({f"{prefix}{name}_{k}": v for k, v in enumerate(value)})
             else:
                 values[f"{prefix}{name}"] = value[0]
     return values
 
 
-def git_commit() -> Optional[str]:
-    """The commit checked out where this file lives, or ``None`` outside a git checkout."""
+# A column of uot_values: [<module path>.]uot_<name>[_<k>]. Logs of an earlier version put the module path
+# after the prefix (uot_<module path>_<name>).
+_COLUMN = re.compile(r"(?:(?P<path>.+)\.)?uot_(?P<module>.*?)(?P<name>" + "|".join(PARAMETERS) +
+                     r")(?:_(?P<k>\d+))?")
+
+
+def uot_columns(columns: Sequence[str]) -> dict[str, dict[Optional[int], str]]:
+    """The columns of :func:`uot_values` among ``columns``, grouped as ``{name: {k or None: column}}``.
+
+    ``name`` is the parameter's name (``eps``), prefixed by the layer's module path where a model has several UOT
+    layers (``convs.0.aggr.eps``); ``k`` is the iteration of a per-iteration value and ``None`` for a single
+    value. Other columns are ignored; one that starts with ``uot_`` but names no parameter of
+    :data:`uotp_geometric.plot.PARAMETERS` is kept under the rest of its name.
+    """
+    groups: dict[str, dict[Optional[int], str]] = {}
+    for column in columns:
+        match = _COLUMN.fullmatch(column)
+        if match is not None:
+            module = (match["path"] or match["module"]).strip("._/-")
+            name, k = f"{module}.{match['name']}".lstrip("."), None if match["k"] is None else int(match["k"])
+        elif column.startswith("uot_"):
+            name, k = column[len("uot_"):], None
+        else:
+            continue
+        groups.setdefault(name, {})[k] = column
+    return groups
+
+
+def _git(*args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def git_commit() -> Optional[str]:
+    """The commit checked out where this file lives, or ``None`` outside a git checkout."""
+    return _git("rev-parse", "HEAD")
+
+
+def git_dirty() -> Optional[bool]:
+    """Whether the checkout where this file lives has changes not committed (untracked files included, as the
+    benchmark's ``tree dirty``), so that ``results.json`` says when its commit alone does not give its code;
+    ``None`` outside a git checkout."""
+    status = _git("status", "--porcelain")
+    return None if status is None else bool(status)

@@ -5,7 +5,11 @@ Writes ``DIR/table.md`` and ``DIR/table.png`` (one row per dataset, one column p
 ``DIR/ranks.png`` (:mod:`experiments.stats`: per dataset, each UOT/ROT pooling against the best other
 pooling, paired over folds, seeds or seeds x folds, by the Wilcoxon signed-rank test; across datasets, average
 ranks, Friedman's test, the Nemenyi post-hoc test and the critical-difference diagram). Each file starts with the
-command that made it.
+command that made it: a run directory's whole parent given in sorted order (what the shell's ``PARENT/*`` expands
+to) is printed as ``PARENT/*``. A quoted pattern (``'docs/tu/runs/*'``) is expanded here, in sorted order.
+
+``--summary`` prints, instead of writing files, one compact Markdown table: per dataset the best other pooling (outside
+:data:`CANDIDATES`) against ``uot`` and ``uot_badmm``, as the README shows them.
 
 It reads the three kinds of ``results.json``: TU (``folds``, each with ``test_acc``), AD-GCL (``seeds``, each with
 ``test_acc`` and, from runs that record it, ``fold_test_acc``) and OGB (``seeds``, each with ``test``). A run's
@@ -14,6 +18,7 @@ mean must be the average of its folds or seeds; OGB rows are per dataset and bac
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import shlex
@@ -29,10 +34,17 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from experiments import stats  # noqa: E402
+from experiments.models import UOT_POOLINGS, run_label  # noqa: E402
+from experiments.protocol import higher_is_better, summarize  # noqa: E402
 
 PERCENT_METRICS = frozenset({"accuracy", "acc", "rocauc", "ap"})  # in [0, 1], shown in percent
-LOWER_IS_BETTER = frozenset({"rmse", "mae"})
-CANDIDATES = ("uot", "uot_badmm", "rot", "rot_badmm")  # each against the best other pooling of a dataset
+CANDIDATES = UOT_POOLINGS  # each variant against the best other pooling of a dataset
+SUMMARY_POOLINGS = ("uot", "uot_badmm")  # the variants of these are the columns of --summary
+
+
+def is_candidate(label: str) -> bool:
+    """Whether a run label (:func:`~experiments.models.run_label`) names a UOT or ROT variant."""
+    return label.split("[")[0] in CANDIDATES
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -61,9 +73,10 @@ def unit_name(result: dict[str, Any], fine: bool = False) -> str:
 
 
 def summary(result: dict[str, Any]) -> tuple[float, Optional[float], int]:
-    """Mean, sample std (``None`` for one unit) and number of the run's folds or seeds."""
-    values = np.asarray(list(unit_scores(result).values()), dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None, len(values)
+    """Mean, sample std (``None`` for one unit) and number of the run's folds or seeds, as the harness computes
+    them (:func:`experiments.protocol.summarize`)."""
+    values = list(unit_scores(result).values())
+    return (*summarize(values), len(values))
 
 
 def check_summary(result: dict[str, Any], path: Path) -> None:
@@ -80,8 +93,10 @@ def metric(result: dict[str, Any]) -> str:
 
 
 def orientation(result: dict[str, Any]) -> int:
-    """1 where a higher score is better, -1 for errors such as RMSE."""
-    return -1 if metric(result) in LOWER_IS_BETTER else 1
+    """1 where a higher score is better, -1 for errors such as RMSE: TU and AD-GCL runs record ``accuracy``,
+    OGB runs their Evaluator's metric, whose direction :func:`experiments.protocol.higher_is_better` knows."""
+    name = metric(result)
+    return 1 if name == "accuracy" or higher_is_better(name) else -1
 
 
 def scale(result: dict[str, Any]) -> float:
@@ -91,6 +106,12 @@ def scale(result: dict[str, Any]) -> float:
 def fmt(value: float, result: dict[str, Any]) -> str:
     """One decimal in percent, three for other metrics."""
     return f"{scale(result) * value:.{1 if metric(result) in PERCENT_METRICS else 3}f}"
+
+
+def score_text(result: dict[str, Any], like: dict[str, Any]) -> str:
+    """``mean ± std`` of a run (the mean alone for one unit), formatted for the metric of run ``like``."""
+    mean, std, _ = summary(result)
+    return fmt(mean, like) if std is None else f"{fmt(mean, like)} ± {fmt(std, like)}"
 
 
 def row_name(result: dict[str, Any]) -> str:
@@ -111,8 +132,70 @@ def paired_samples(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, np.ndarra
     return {pooling: np.array([scores[unit] for unit in shared]) for pooling, scores in by_unit.items()}, name
 
 
+def expand(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each pattern that names no file (a quoted ``'DIR/*'``) replaced by its sorted matches."""
+    out: list[Path] = []
+    for path in paths:
+        matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) and not path.exists() else []
+        if matches:
+            out.extend(Path(match) for match in matches)
+        else:
+            out.append(path)
+    return out
+
+
+def _shorten(words: Sequence[str]) -> list[str]:
+    """``words`` with each run of paths that is its parent's whole sorted listing (what an unquoted ``PARENT/*``
+    expands to) replaced by ``PARENT/*``; everything else shell-quoted. Never the same words in another order:
+    rows and columns follow the order of the runs."""
+    out, i = [], 0
+    while i < len(words):
+        parent = Path(words[i]).parent
+        listing = sorted(glob.glob(str(parent / "*")))
+        stop = i
+        while stop < len(words) and Path(words[stop]).parent == parent and Path(words[stop]).exists():
+            stop += 1
+        if (listing and stop > i + 1 and [str(Path(w)) for w in words[i:stop]] == listing
+                and shlex.quote(str(parent)) == str(parent)):
+            out.append(f"{parent}/*")
+            i = stop
+        else:
+            out.append(shlex.quote(words[i]))
+            i += 1
+    return out
+
+
 def _command(argv: Optional[Sequence[str]]) -> str:
-    return shlex.join(["python", "-m", "experiments.table", *(sys.argv[1:] if argv is None else argv)])
+    """The command line that made the files, with whole run folders shortened to ``PARENT/*``."""
+    return " ".join(["python", "-m", "experiments.table", *_shorten(sys.argv[1:] if argv is None else list(argv))])
+
+
+def summary_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: Sequence[str]) -> list[str]:
+    """One Markdown table: per dataset, the best pooling outside :data:`CANDIDATES` (by mean) and its score, then
+    the scores of :data:`SUMMARY_POOLINGS`, mean ± sample std, the best of the row in bold."""
+    columns = list(dict.fromkeys(p for _, p in cells if p.split("[")[0] in SUMMARY_POOLINGS))
+    lines = ["| dataset | best other pooling | " + " | ".join(f"`{p}`" for p in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for dataset in datasets:
+        runs = {p: r for (d, p), r in cells.items() if d == dataset}
+        others = {p: r for p, r in runs.items() if not is_candidate(p)}
+        shown = [p for p in columns if p in runs]
+        if not others or not shown:
+            continue
+        first = next(iter(runs.values()))
+        sign = orientation(first)
+        other = max(others, key=lambda p: sign * summary(others[p])[0])
+        best = max(sign * summary(runs[p])[0] for p in [other, *shown])
+
+        def cell(pooling: str) -> str:
+            if pooling not in runs:
+                return ""
+            mean = summary(runs[pooling])[0]
+            text = score_text(runs[pooling], first)
+            return f"**{text}**" if sign * mean == best else text
+
+        lines.append(f"| {dataset} | {other} {cell(other)} | " + " | ".join(cell(p) for p in columns) + " |")
+    return lines
 
 
 def write_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str], poolings: list[str],
@@ -136,9 +219,8 @@ def write_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
             if pooling not in runs:
                 row.append("")
                 continue
-            mean, std, count = summary(runs[pooling])
-            text = fmt(mean, first) if std is None else f"{fmt(mean, first)} ± {fmt(std, first)}"
-            text += f" (n={count})" if mixed else ""
+            mean, _, count = summary(runs[pooling])
+            text = score_text(runs[pooling], first) + (f" (n={count})" if mixed else "")
             row.append(f"**{text}**" if sign * mean == best and len(runs) > 1 else text)
         lines.append(f"| {dataset} | {metric(first)} | {over} | " + " | ".join(row) + " |")
     svms: dict[str, list[str]] = {}
@@ -162,7 +244,7 @@ def write_table(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
         sign = orientation(results[0])
         means = np.array([scale(r) * summary(r)[0] for r in results])
         stds = np.array([scale(r) * (summary(r)[1] or 0.0) for r in results])
-        colors = ["tab:red" if p in CANDIDATES else "tab:blue" for p in present]
+        colors = ["tab:red" if is_candidate(p) else "tab:blue" for p in present]
         xs = [poolings.index(p) for p in present]
         # Points with error bars, not bars: the y axis need not start at 0, so close scores stay apart.
         for x, mean, std, color in zip(xs, means, stds, colors):
@@ -200,7 +282,8 @@ def write_stats(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
         runs = {p: cells[dataset, p] for p in poolings if (dataset, p) in cells}
         samples, units = paired_samples(runs)
         first = next(iter(runs.values()))
-        for row in stats.versus_best_other(samples, CANDIDATES, orientation(first) == 1):
+        candidates = [p for p in samples if is_candidate(p)]
+        for row in stats.versus_best_other(samples, candidates, orientation(first) == 1):
             p = "—" if row["p"] is None else f"{row['p']:.3g}"
             lines.append(f"| {dataset} | {row['pooling']} | {fmt(row['mean'], first)} | {row['other']} | "
                          f"{fmt(row['other_mean'], first)} | {scale(first) * row['difference']:+.2f} | "
@@ -254,16 +337,21 @@ def write_stats(cells: dict[tuple[str, str], dict[str, Any]], datasets: list[str
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories or results.json files")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory for table.md, table.png, stats.md and ranks.png")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run directories or results.json files (a quoted 'DIR/*' is expanded, sorted)")
+    parser.add_argument("--out", type=Path, help="directory for table.md, table.png, stats.md and ranks.png")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the best other pooling against uot and uot_badmm per dataset (Markdown); "
+                             "writes nothing")
     parser.add_argument("--poolings", nargs="+",
                         help="the poolings to rank across datasets (default: all of the runs')")
     parser.add_argument("--alpha", type=float, default=0.05, help="level of the Nemenyi test")
     args = parser.parse_args(argv)
+    if args.out is None and not args.summary:
+        parser.error("--out is required (or --summary, which writes nothing)")
 
     cells: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in args.runs:
+    for path in expand(args.runs):
         try:
             result = load_results(path)
         except (OSError, json.JSONDecodeError) as error:
@@ -274,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error(f"{path}: not the results of experiments.train or experiments.adgcl (no {error})")
         except ValueError as error:
             parser.error(str(error))
-        key = (row_name(result), result["pooling"])
+        key = (row_name(result), run_label(result["pooling"], result.get("config", {})))
         if key in cells:
             parser.error(f"two runs of {key[1]} on {key[0]}, the second in {path}")
         cells[key] = result
@@ -283,6 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     unknown = sorted(set(args.poolings or []) - set(poolings))
     if unknown:
         parser.error(f"--poolings names poolings without runs: {', '.join(unknown)}")
+    if args.summary:
+        print("\n".join(summary_table(cells, datasets)))
+        return
 
     command = _command(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,8 @@ from experiments.data import load_ogb, load_tu, ogb_names
 from experiments.models import BACKBONES, GIN, OGBGNN
 from experiments.protocol import (ShardedBatchSampler, better, derive_seed, evaluate, evaluate_ogb,
                                   higher_is_better, k_fold, masked_loss, summarize)
-from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, csv_text, damaged,
-                                 epoch_seconds, git_commit, run_lock, uot_values, write_csv, write_json)
+from experiments.records import (EpochProgress, csv_text, epoch_seconds, git_commit, git_dirty, resume, run_lock,
+                                 save_checkpoint, uot_values, write_csv, write_json)
 
 
 class Task(abc.ABC):
@@ -104,7 +104,7 @@ class TUTask(Task):
     metric, unit = "accuracy", "fold"
     scores = ("val_loss", "val_acc", "test_acc")
     selection, maximize = "val_loss", False
-    kept = ("test_acc", "val_loss")
+    kept = ("test_acc", "val_loss", "val_acc")
 
     def __init__(self, config: Config) -> None:
         if config.backbone != "gin" or config.num_seeds != 1:
@@ -122,8 +122,7 @@ class TUTask(Task):
     def model(self) -> torch.nn.Module:
         config = self.config
         return GIN(self.dataset.num_features, self.dataset.num_classes, config.pooling, config.hidden,
-                   config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                   eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
+                   config.num_layers, config.dropout, config.batch_norm, uot=config.uot_options())
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.batch, data.num_graphs)
@@ -181,8 +180,8 @@ class OGBTask(Task):
     def model(self) -> torch.nn.Module:
         config = self.config
         return OGBGNN(self.dataset.num_tasks, config.pooling, config.backbone == "gin-virtual", config.hidden,
-                      config.num_layers, config.dropout, config.batch_norm, num_iters=config.num_iters,
-                      eps=config.uot_eps, lam_p=config.uot_lam_p, lam_q=config.uot_lam_q, gw=config.uot_gw)
+                      config.num_layers, config.dropout, config.batch_norm,
+                      uot=config.uot_options())
 
     def loss(self, model: torch.nn.Module, data: Batch) -> tuple[Tensor, Tensor]:
         out = model(data.x, data.edge_index, data.edge_attr, data.batch, data.num_graphs)
@@ -247,22 +246,11 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
     optimizer = Adam(model.parameters(), lr=config.lr)
     scheduler = StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
 
+    states = dict(model=model, optimizer=optimizer, scheduler=scheduler)
     epoch, best, history = 0, None, []
-    if ckpt_path.exists() and not restart:
+    if not restart:
         remedy = f"train {task.unit} {index} again with --restart {index}, or move the file aside"
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device)
-            saved = ckpt["config"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, remedy) from None
-        check_resumable(saved, config, RUNTIME_FIELDS, ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, remedy) from None
+        epoch, best, history = resume(ckpt_path, config, RUNTIME_FIELDS, states, remedy, device)
     if epoch == config.epochs:
         # The checkpoint holds the whole log: a CSV cut short or edited since is written again from it.
         if rank == 0 and (not csv_path.exists() or csv_path.read_bytes().decode(errors="replace")
@@ -302,10 +290,7 @@ def train_split(config: Config, task: Task, split: tuple[Tensor, Tensor, Tensor]
         progress.update(epoch, dict(train_loss=train_loss, **scores), seconds)
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
         write_csv(csv_path, csv_fields, history)
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best=best,
-                            history=history), tmp)
+        save_checkpoint(ckpt_path, config, epoch, states, best, history)
     progress.close()
     return best, history
 
@@ -351,7 +336,8 @@ def run(config: Config, restart: Sequence[int] = ()) -> None:
             fields, line = task.summary(bests)
             timing = epoch_seconds(seconds)
             results = dict(dataset=config.dataset, pooling=config.pooling, metric=task.metric,
-                           config=dataclasses.asdict(config), commit=git_commit(), **fields, **timing)
+                           config=dataclasses.asdict(config), commit=git_commit(), dirty=git_dirty(), **fields,
+                           **timing)
             write_json(out / "results.json", results)
             print(f"{config.dataset} {config.pooling}: {line}, {timing['seconds_per_epoch']:.2f} s per epoch "
                   f"(90th percentile {timing['seconds_per_epoch_p90']:.2f}) -> {out / 'results.json'}", flush=True)

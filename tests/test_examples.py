@@ -1,5 +1,6 @@
 """Every script in examples/ runs as it is, on the bundled MUTAG data, in under a minute of CPU time."""
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,21 @@ def test_example_runs(script, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written beside it
     assert not (REPO / "data/MUTAG/processed").exists()  # nor into the bundled data
 
+
+def test_without_out_an_example_writes_into_examples_out(tmp_path):
+    # A copy of the repository's layout, so that the default folder is made there and not in this checkout.
+    (tmp_path / "repo").mkdir()
+    shutil.copytree(REPO / "examples", tmp_path / "repo/examples", ignore=shutil.ignore_patterns("out"))
+    (tmp_path / "repo/data").symlink_to(REPO / "data")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    result = subprocess.run([sys.executable, str(tmp_path / "repo/examples/gin_uot_readout.py")], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "repo/examples/out/gin_uot.pt").stat().st_size > 0
+    assert list(cwd.iterdir()) == []
+
+
+def test_examples_out_is_ignored_by_git():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "examples/out/plan.png"], cwd=REPO)
+    assert ignored.returncode == 0

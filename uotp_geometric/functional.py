@@ -15,23 +15,34 @@ term of ROT-Pooling, :math:`-\frac{\gamma}{2} \langle C_N T C_D, T \rangle` (spe
 :mod:`uotp_geometric.solvers.rot`).
 """
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_geometric
 from torch import Tensor
 
-from uotp_geometric.segment import (Segments, segment_count, segment_sum,
+from uotp_geometric.segment import (Segments, infer_num_sets, segment_count, segment_sum,
                                     sorted_segments)
 from uotp_geometric.solvers import (badmm_log_plan, rot_badmm_log_plan,
                                     rot_sinkhorn_log_plan, sinkhorn_log_plan,
                                     sinkhorn_pool)
 from uotp_geometric.solvers.common import pool_log_plan
 
-__all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SOLVERS']
+__all__ = ['uot_plan', 'uot_pool', 'uot_diagnostics', 'UOTDiagnostics', 'SolverOptions', 'SOLVERS']
 
 SOLVERS = ('sinkhorn', 'badmm', 'badmm_q')
+# The options that take a number per iteration: a scalar, or a sequence or tensor of shape (num_iters,).
+VALUES = ('eps', 'lam_p', 'lam_q', 'rho', 'gw', 'prox')
 Value = Union[float, Sequence[float], Tensor]
+INF = math.inf
+
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    r"""The dtype the solvers run in for inputs of :obj:`dtype`: exponentials and log-sum-exps need
+    float32 at least, so half types are raised to float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _should_validate(t: Tensor) -> bool:
@@ -40,6 +51,77 @@ def _should_validate(t: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return t.device.type == 'cpu' or torch_geometric.is_debug_enabled()
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    r"""The options of :func:`uot_plan` and :func:`uot_pool` other than the data and the priors, with
+    the same names, meanings and defaults; :class:`~uotp_geometric.UOTAggregation` checks its initial
+    values with it too.
+
+    Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a sequence or
+    tensor of shape ``(num_iters,)``, one value per iteration.
+    """
+    solver: str = 'sinkhorn'
+    num_iters: int = 4
+    eps: Value = 1.0
+    lam_p: Value = INF
+    lam_q: Value = 1.0
+    rho: Value = 1.0
+    gw: Value = 0.0
+    prox: Value = 1.0
+    inner_iters: int = 4
+    memory_efficient: bool = True
+
+    def validate(self) -> 'SolverOptions':
+        r"""Raises a :class:`ValueError` that names the first bad option; returns the options. The
+        entries of tensors on an accelerator are read only inside :obj:`torch_geometric.debug()`."""
+        if self.solver not in SOLVERS:
+            raise ValueError(f"Unknown solver '{self.solver}' (expected one of {list(SOLVERS)})")
+        for name in ('num_iters', 'inner_iters'):
+            count = getattr(self, name)
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"'{name}' must be an integer >= 1 (got {count!r})")
+        for name in VALUES:
+            self._check_value(name)
+        return self
+
+    def _check_value(self, name: str) -> None:
+        value = getattr(self, name)
+        t = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float64)
+        if t.numel() != 1 and t.shape != (self.num_iters, ):
+            raise ValueError(f"'{name}' must be a scalar or have shape ({self.num_iters},), one value "
+                             f"per iteration (got shape {tuple(t.shape)})")
+        if not _should_validate(t):
+            return
+        t = t.detach()
+        # rho is a step size and Sinkhorn divides by eps; gw = inf would make the structure term the
+        # whole objective.
+        positive = name == 'rho' or (name == 'eps' and self.solver == 'sinkhorn')
+        bad = t.isnan() | (t <= 0 if positive else t < 0)
+        if name == 'gw':
+            bad |= t.isinf()
+        if bool(bad.any()):
+            bound = ('positive' if positive else
+                     'finite and non-negative' if name == 'gw' else 'non-negative')
+            raise ValueError(f"'{name}' must be {bound} for solver='{self.solver}' (got "
+                             f"{t.tolist()})")
+
+    def schedule(self, name: str, like: Tensor) -> Tensor:
+        r"""The value :obj:`name` as a tensor of shape ``(num_iters,)``, one entry per iteration, in
+        the dtype and on the device of :obj:`like` (a scalar is expanded, not copied)."""
+        value = torch.as_tensor(getattr(self, name), dtype=like.dtype, device=like.device)
+        return value.reshape(-1).expand(self.num_iters)
+
+    def has_structure(self) -> bool:
+        r"""Whether the structure term is on: :obj:`gw` is not exactly 0 or is learned. Otherwise the
+        solvers of spec §1 run unchanged (and a Python number costs no host sync)."""
+        gw = self.gw
+        if isinstance(gw, (int, float)):
+            return gw != 0
+        if isinstance(gw, Tensor) and gw.requires_grad:
+            return True
+        return bool(torch.as_tensor(gw).ne(0).any())
 
 
 def _check_input(x: Tensor, index: Tensor,
@@ -60,7 +142,7 @@ def _check_input(x: Tensor, index: Tensor,
     if torch_geometric.is_debug_enabled() and not torch.isfinite(x).all():
         raise ValueError("'x' holds NaN or infinite values")
     if dim_size is None:
-        return int(index.max()) + 1 if index.numel() > 0 else 0
+        return infer_num_sets(index)
     if dim_size < 0:
         raise ValueError(f"'dim_size' must be non-negative (got {dim_size})")
     if index.numel() > 0 and _should_validate(index):
@@ -69,35 +151,6 @@ def _check_input(x: Tensor, index: Tensor,
             raise ValueError(f"'index' holds values in [{low}, {high}], out "
                              f"of range for dim_size={dim_size}")
     return dim_size
-
-
-def _schedule(name: str, value: Value, num_iters: int, x: Tensor,
-              positive: bool = False) -> Tensor:
-    r"""Returns :obj:`value` as a tensor of shape ``(num_iters,)``: one value per iteration."""
-    out = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    if out.numel() == 1:
-        out = out.reshape(()).expand(num_iters)
-    elif out.shape != (num_iters, ):
-        raise ValueError(f"'{name}' must be a scalar or have shape "
-                         f"({num_iters},), one value per iteration (got "
-                         f"shape {tuple(out.shape)})")
-    if _should_validate(out):
-        bad = out.isnan() | (out <= 0 if positive else out < 0)
-        if bool(bad.any()):
-            bound = 'positive' if positive else 'non-negative'
-            raise ValueError(f"'{name}' must be {bound} (got "
-                             f"{out.detach().tolist()})")
-    return out
-
-
-def _is_zero(value: Value) -> bool:
-    r"""Whether a structure weight is exactly 0 and not learned: then the solvers of spec §1 run
-    unchanged (and a Python number costs no host sync)."""
-    if isinstance(value, (int, float)):
-        return value == 0
-    if isinstance(value, Tensor) and value.requires_grad:
-        return False
-    return not bool(torch.as_tensor(value).ne(0).any())
 
 
 def _safe_log(t: Tensor) -> Tensor:
@@ -135,98 +188,78 @@ def _node_prior(x: Tensor, segments: Segments,
     return q.to(x.dtype)
 
 
-def _run_solver(x: Tensor, index: Tensor, dim_size: Optional[int], solver: str,
-                eps: Value, lam_p: Value, lam_q: Value, rho: Value,
-                num_iters: int, p: Optional[Tensor], q: Optional[Tensor],
-                log_q: Optional[Tensor], memory_efficient: bool,
-                gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4,
-                pool: bool = False, sort_rows: Optional[bool] = None
-                ) -> Tuple[Tensor, Tensor, Segments, Optional[Tensor]]:
-    r"""Returns the log-plan (with :obj:`pool`, the pooled output instead), the features and sets it
-    was solved on, and the row permutation applied to them (``None`` where the rows kept their
-    order). :obj:`sort_rows` groups the rows by set and reduces with :func:`torch.segment_reduce`
-    (default: on accelerators only, where it is faster; the CPU tests force it to cover that path)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver '{solver}' (expected one of "
-                         f"{list(SOLVERS)})")
-    if not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"'num_iters' must be an integer >= 1 (got "
-                         f"{num_iters!r})")
-    if not isinstance(inner_iters, int) or inner_iters < 1:
-        raise ValueError(f"'inner_iters' must be an integer >= 1 (got "
-                         f"{inner_iters!r})")
-    num_sets = _check_input(x, index, dim_size)
-    # Exponentials and log-sum-exps need float32 at least: upcast half inputs, and keep autocast
-    # from lowering any op in the solver.
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    segments = Segments(index, num_sets)
-    log_p = _safe_log(_dim_prior(x, num_sets, p))
+def _log_node_prior(x: Tensor, segments: Segments, q: Optional[Tensor],
+                    log_q: Optional[Tensor]) -> Tensor:
+    r"""The node prior as :math:`\log q`, shape ``(N,)``, from :obj:`q` or :obj:`log_q`."""
     if log_q is None:
-        log_q = _safe_log(_node_prior(x, segments, q))
-    elif q is not None:
+        return _safe_log(_node_prior(x, segments, q))
+    if q is not None:
         raise ValueError("Give the node prior as 'q' or as 'log_q', not both")
-    elif log_q.shape != (x.size(0), ):
+    if log_q.shape != (x.size(0), ):
         raise ValueError(f"'log_q' must have shape ({x.size(0)},), one entry "
                          f"per node (got {tuple(log_q.shape)})")
-    else:
-        log_q = log_q.to(x.dtype)
+    return log_q.to(x.dtype)
+
+
+def _uot(x: Tensor, index: Tensor, dim_size: Optional[int], options: SolverOptions,
+         p: Optional[Tensor], q: Optional[Tensor], log_q: Optional[Tensor], pool: bool,
+         sort_rows: Optional[bool] = None) -> Tensor:
+    r"""The plan (``(N, D)``, rows in the order of :obj:`x`) or, with :obj:`pool`, the pooled output
+    (``(B, D)``) of :func:`uot_plan` and :func:`uot_pool`. :obj:`sort_rows` groups the rows by set and
+    reduces with :func:`torch.segment_reduce` (default: on accelerators only, where it is faster; the
+    CPU tests force it to cover that path)."""
+    options.validate()
+    segments = Segments(index, _check_input(x, index, dim_size))
+    if x.size(-1) == 0:  # nothing to transport: the empty result of PyG's aggregations
+        return segment_sum(x, segments) if pool else torch.zeros_like(x)
+    # Under autocast the solve is a float32 op, as softmax is; outside it, the output keeps the input's
+    # dtype, so that a model cast to a half type composes.
+    out_dtype = solve_dtype(x.dtype) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x = x.to(solve_dtype(x.dtype))
+    log_p = _safe_log(_dim_prior(x, segments.num_sets, p))
+    log_q = _log_node_prior(x, segments, q, log_q)
     perm = None
     if x.device.type != 'cpu' if sort_rows is None else sort_rows:
         # Rows grouped by set let every reduction run as a segment reduction instead of atomics.
-        perm, segments = sorted_segments(index, num_sets)
+        perm, segments = sorted_segments(index, segments.num_sets)
         x, log_q = x.index_select(0, perm), log_q.index_select(0, perm)
-    with torch.autocast(x.device.type, enabled=False):
-        out = _solve(x, segments, solver, eps, lam_p, lam_q, rho, num_iters,
-                     log_p, log_q, memory_efficient, gw, prox, inner_iters,
-                     pool)
-    return out, x, segments, perm
+    with torch.autocast(x.device.type, enabled=False):  # no op of the solver may be lowered
+        out = _solve(x, segments, options, log_p, log_q, pool)
+    if not pool:
+        out = _unpermute(out, perm).exp()
+    return out.to(out_dtype)
 
 
-def _solve(x: Tensor, segments: Segments, solver: str, eps: Value,
-           lam_p: Value, lam_q: Value, rho: Value, num_iters: int,
-           log_p: Tensor, log_q: Tensor, memory_efficient: bool,
-           gw: Value = 0.0, prox: Value = 1.0, inner_iters: int = 4,
-           pool: bool = False) -> Tensor:
-    eps_k = _schedule('eps', eps, num_iters, x, positive=solver == 'sinkhorn')
-    lam_p_k = _schedule('lam_p', lam_p, num_iters, x)
-    lam_q_k = _schedule('lam_q', lam_q, num_iters, x)
-    if not _is_zero(gw):
-        log_plan = _solve_structured(x, segments, solver, eps_k, lam_p_k,
-                                     lam_q_k, rho, num_iters, log_p, log_q,
-                                     memory_efficient, gw, prox, inner_iters)
-    elif solver == 'sinkhorn' and pool:  # pooled without forming the plan where it can
-        return sinkhorn_pool(x, segments, eps_k, lam_p_k, lam_q_k, log_p,
-                             log_q, memory_efficient)
-    elif solver == 'sinkhorn':
-        log_plan = sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k,
-                                     log_p, log_q, memory_efficient)
-    else:
-        rho_k = _schedule('rho', rho, num_iters, x, positive=True)
-        # Pooled from the solver's last plan where asked: the pooling's backward is then part of its adjoint.
-        return badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k, log_p, log_q,
-                              memory_efficient, quadratic=solver == 'badmm_q', pool=pool)
+def _unpermute(rows: Tensor, perm: Optional[Tensor]) -> Tensor:
+    r"""The rows of a solve in the order of the input (:func:`_uot` may have grouped them by set)."""
+    if perm is None:
+        return rows
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    return rows.index_select(0, inverse)
+
+
+def _solve(x: Tensor, segments: Segments, options: SolverOptions, log_p: Tensor, log_q: Tensor,
+           pool: bool) -> Tensor:
+    r"""Runs the solver of :obj:`options`: the log-plan, or with :obj:`pool` the pooled output."""
+    def value(name: str) -> Tensor:
+        return options.schedule(name, x)
+
+    eps, lam_p, lam_q = value('eps'), value('lam_p'), value('lam_q')
+    memory_efficient, structured = options.memory_efficient, options.has_structure()
+    if options.solver == 'sinkhorn' and structured:
+        log_plan = rot_sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, value('gw'), value('prox'),
+                                         log_p, log_q, options.inner_iters, memory_efficient)
+    elif options.solver == 'sinkhorn' and pool:  # pooled without forming the plan where it can
+        return sinkhorn_pool(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
+    elif options.solver == 'sinkhorn':
+        log_plan = sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
+    elif structured:
+        log_plan = rot_badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), value('gw'),
+                                      log_p, log_q, memory_efficient, quadratic=options.solver == 'badmm_q')
+    else:  # pooled from the solver's last plan where asked: the pooling's backward is part of its adjoint
+        return badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), log_p, log_q, memory_efficient,
+                              quadratic=options.solver == 'badmm_q', pool=pool)
     return pool_log_plan(x, log_plan, segments) if pool else log_plan
-
-
-
-def _solve_structured(x: Tensor, segments: Segments, solver: str,
-                      eps_k: Tensor, lam_p_k: Tensor, lam_q_k: Tensor,
-                      rho: Value, num_iters: int, log_p: Tensor,
-                      log_q: Tensor, memory_efficient: bool, gw: Value,
-                      prox: Value, inner_iters: int) -> Tensor:
-    gw_k = _schedule('gw', gw, num_iters, x)
-    if _should_validate(gw_k) and bool(gw_k.isinf().any()):
-        raise ValueError(f"'gw' must be finite (got {gw_k.detach().tolist()})")
-    if solver == 'sinkhorn':
-        prox_k = _schedule('prox', prox, num_iters, x)
-        return rot_sinkhorn_log_plan(x, segments, eps_k, lam_p_k, lam_q_k,
-                                     gw_k, prox_k, log_p, log_q, inner_iters,
-                                     memory_efficient)
-    rho_k = _schedule('rho', rho, num_iters, x, positive=True)
-    return rot_badmm_log_plan(x, segments, eps_k, lam_p_k, lam_q_k, rho_k,
-                              gw_k, log_p, log_q, memory_efficient,
-                              quadratic=solver == 'badmm_q')
 
 
 def uot_plan(
@@ -236,7 +269,7 @@ def uot_plan(
     *,
     solver: str = 'sinkhorn',
     eps: Value = 1.0,
-    lam_p: Value = 1.0,
+    lam_p: Value = INF,
     lam_q: Value = 1.0,
     rho: Value = 1.0,
     num_iters: int = 4,
@@ -250,6 +283,12 @@ def uot_plan(
 ) -> Tensor:
     r"""The UOT plan :math:`T` of every set, stacked as the rows of ``x``.
 
+    The defaults are those of :class:`~uotp_geometric.UOTAggregation`: a hard dimension marginal
+    (``lam_p=inf``), so at convergence each set's plan has the mass of its dimension prior (1 for the
+    uniform one). Half
+    inputs are solved in float32; the plan has the dtype of ``x`` (float32 for half inputs under
+    autocast).
+
     Args:
         x (Tensor): Node features of shape ``(N, D)``.
         index (Tensor): The set of each node, shape ``(N,)``; need not be sorted.
@@ -261,7 +300,7 @@ def uot_plan(
         eps (float or Tensor): Regularisation :math:`\varepsilon`; ``> 0`` for Sinkhorn,
             ``>= 0`` for BADMM and BADMM-Q; ``inf`` is allowed with Sinkhorn.
         lam_p (float or Tensor): :math:`\lambda_p \geq 0`, weight of the dimension marginal;
-            ``inf`` makes it hard, ``0`` free.
+            ``inf`` makes it hard, ``0`` free. (The paper's setting is ``1``.)
         lam_q (float or Tensor): :math:`\lambda_q \geq 0`, weight of the node marginal.
         rho (float or Tensor): BADMM step :math:`\rho > 0` (unused by Sinkhorn).
         num_iters (int): The number of iterations ``K``.
@@ -290,20 +329,34 @@ def uot_plan(
 
     Returns:
         Tensor: The plan, shape ``(N, D)``.
+
+    Examples:
+        >>> import torch
+        >>> from uotp_geometric import uot_plan
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+        >>> index = torch.tensor([0, 0, 1])  # two sets: nodes 0 and 1, and node 2
+        >>> plan = uot_plan(x, index, eps=0.5, lam_q=float('inf'), num_iters=50)
+        >>> plan.shape
+        torch.Size([3, 2])
+        >>> plan[index == 0].sum(dim=0)  # hard marginals: the dimension prior 1 / D
+        tensor([0.5000, 0.5000])
+
+    References:
+        - L. Chizat, G. Peyré, B. Schmitzer and F.-X. Vialard. `Scaling algorithms for unbalanced
+          optimal transport problems <https://arxiv.org/abs/1607.05816>`__. Mathematics of
+          Computation, 2018. (``solver="sinkhorn"``)
+        - H. Wang and A. Banerjee. `Bregman alternating direction method of multipliers
+          <https://arxiv.org/abs/1306.3203>`__. NeurIPS 2014. (``solver="badmm"``)
+        - M. Cheng and H. Xu. `Revisiting global pooling through the lens of optimal transport
+          <https://arxiv.org/abs/2201.09191>`__. arXiv:2201.09191, 2022. (UOT-Pooling)
+        - H. Xu and M. Cheng. `Regularized optimal transport layers for generalized global pooling
+          operations <https://arxiv.org/abs/2212.06339>`__. IEEE TPAMI, 2023.
+          (ROT-Pooling, ``gw > 0``)
     """
-    log_plan, _, _, perm = _run_solver(x, index, dim_size, solver, eps, lam_p,
-                                       lam_q, rho, num_iters, p, q, log_q,
-                                       memory_efficient, gw, prox, inner_iters)
-    return _unpermute(log_plan, perm).exp()
-
-
-def _unpermute(rows: Tensor, perm: Optional[Tensor]) -> Tensor:
-    r"""The rows of a solve in the order of the input (:func:`_run_solver` may have grouped them)."""
-    if perm is None:
-        return rows
-    inverse = torch.empty_like(perm).scatter_(
-        0, perm, torch.arange(perm.numel(), device=perm.device))
-    return rows.index_select(0, inverse)
+    options = SolverOptions(solver=solver, num_iters=num_iters, eps=eps, lam_p=lam_p, lam_q=lam_q,
+                            rho=rho, gw=gw, prox=prox, inner_iters=inner_iters,
+                            memory_efficient=memory_efficient)
+    return _uot(x, index, dim_size, options, p, q, log_q, pool=False)
 
 
 def uot_pool(
@@ -313,7 +366,7 @@ def uot_pool(
     *,
     solver: str = 'sinkhorn',
     eps: Value = 1.0,
-    lam_p: Value = 1.0,
+    lam_p: Value = INF,
     lam_q: Value = 1.0,
     rho: Value = 1.0,
     num_iters: int = 4,
@@ -325,14 +378,35 @@ def uot_pool(
     prox: Value = 1.0,
     inner_iters: int = 4,
 ) -> Tensor:
-    r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, shape ``(B, D)``.
+    r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, with the plan
+    :math:`T` of :func:`uot_plan`.
 
-    Takes the arguments of :func:`uot_plan`. An empty set gives a zero row.
+    Takes the arguments of :func:`uot_plan`, with the same defaults. An empty set gives a zero row;
+    ``x`` with no feature columns gives the empty ``(B, 0)`` result. Half inputs are solved in
+    float32; the output has the dtype of ``x`` (float32 for half inputs under autocast).
+
+    Returns:
+        Tensor: The pooled vectors, shape ``(B, D)``.
+
+    Examples:
+        >>> import torch
+        >>> from uotp_geometric import uot_pool
+        >>> x = torch.tensor([[1.0, 4.0], [3.0, 2.0], [5.0, 6.0]])
+        >>> index = torch.tensor([0, 0, 1])
+        >>> # eps -> inf with hard marginals is mean pooling (spec §4)
+        >>> uot_pool(x, index, eps=float('inf'), lam_q=float('inf'), num_iters=1)
+        tensor([[2., 3.],
+                [5., 6.]])
+
+    References:
+        - M. Cheng and H. Xu. `Revisiting global pooling through the lens of optimal transport
+          <https://arxiv.org/abs/2201.09191>`__. arXiv:2201.09191, 2022.
+        - See :func:`uot_plan` for the solvers' references.
     """
-    out, _, _, _ = _run_solver(x, index, dim_size, solver, eps, lam_p, lam_q,
-                               rho, num_iters, p, q, log_q, memory_efficient,
-                               gw, prox, inner_iters, pool=True)
-    return out
+    options = SolverOptions(solver=solver, num_iters=num_iters, eps=eps, lam_p=lam_p, lam_q=lam_q,
+                            rho=rho, gw=gw, prox=prox, inner_iters=inner_iters,
+                            memory_efficient=memory_efficient)
+    return _uot(x, index, dim_size, options, p, q, log_q, pool=True)
 
 
 class UOTDiagnostics(NamedTuple):

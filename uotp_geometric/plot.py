@@ -1,13 +1,13 @@
 r"""Pictures of what a UOT layer computes: the transport plan of one set, and the parameters per
-iteration or over training.
+iteration or over training (from values the caller recorded, such as :func:`learned_values` after
+each epoch).
 
 Needs matplotlib, the optional extra ``pip install "uotp_geometric[plot]"``. Each function builds and
 returns a :class:`matplotlib.figure.Figure` without pyplot, so no global state changes; save it with
 ``fig.savefig(path)``.
 """
 import math
-import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,19 +24,16 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("uotp_geometric.plot needs matplotlib, the optional extra: "
                       "pip install \"uotp_geometric[plot]\"") from error
 
-__all__ = ['plot_plan', 'plot_parameters', 'parameter_columns', 'layer_plan', 'describe_layer',
+__all__ = ['plot_plan', 'plot_parameters', 'learned_values', 'layer_plan', 'describe_layer',
            'PARAMETERS']
 
 #: The layer's parameters, in the order they are drawn.
-PARAMETERS = ('eps', 'lam_p', 'lam_q', 'rho', 'gw', 'prox')
-_SYMBOLS = dict(eps='ε', lam_p='λ_p', lam_q='λ_q', rho='ρ', gw='γ', prox='τ')
-# A per-epoch column of experiments/train.py's CSV: [<module path>.]uot_<name>[_<k>]; a module path
-# after the prefix (uot_<module path>_<name>) is read too.
-_COLUMN = re.compile(r'(?:(?P<path>.+)\.)?uot_(?P<module>.*?)(?P<name>' + '|'.join(PARAMETERS) +
-                     r')(?:_(?P<k>\d+))?')
+PARAMETERS = ('eps', 'lam_p', 'lam_q', 'rho', 'gw', 'prox', 'mass_exponent')
+_SYMBOLS = dict(eps='ε', lam_p='λ_p', lam_q='λ_q', rho='ρ', gw='γ', prox='τ', mass_exponent='a')
 _MAX_NODE_TICKS = 60  # more node names than this would overlap; ticks are thinned instead
 
-Table = Any  # a mapping from column name to per-epoch values: a dict of lists, a pandas DataFrame, ...
+#: Recorded values of one run: parameter name -> array ``(num_steps,)`` or ``(num_steps, num_iters)``.
+Values = Mapping[str, Any]
 
 
 def layer_plan(layer: UOTAggregation, x: Tensor, index: Tensor,
@@ -209,94 +206,76 @@ def _short(value: Any) -> str:
     return f'{value:.3g}' if isinstance(value, float) else str(value)
 
 
+def learned_values(layer: UOTAggregation) -> Dict[str, List[float]]:
+    r"""The current value of each parameter :obj:`layer` has (``eps``, ``lam_p``, ``lam_q``, and
+    ``rho``, ``gw``, ``prox``, ``mass_exponent`` where present), as a list: one value per solver
+    iteration for a per-iteration value, else a single value. Recorded after each epoch, they are
+    what :func:`plot_parameters` draws over training."""
+    return {name: layer.value(name).detach().cpu().tolist() for name in layer.init_values}
+
+
 def describe_layer(layer: UOTAggregation) -> str:
     r"""The layer's solver, prior and current values, e.g. ``"sinkhorn, K=4, prior=uniform: eps=0.4,
     lam_p=inf, lam_q=2.1"``."""
-    values = ', '.join(f'{name}={_short(_values(layer, name))}' for name in layer.init_values)
+    values = ', '.join(f'{name}={_short(value[0] if len(value) == 1 else value)}'
+                       for name, value in learned_values(layer).items())
     return f'{layer.solver}, K={layer.num_iters}, prior={layer.prior}: {values}'
 
 
-def _values(layer: UOTAggregation, name: str) -> Union[float, List[float]]:
-    value = layer.value(name).detach().view(-1).tolist()
-    return value if layer.per_iteration else value[0]
-
-
-def parameter_columns(columns: Sequence[str]) -> Dict[Tuple[str, str], Dict[Optional[int], str]]:
-    r"""Groups the per-epoch columns of UOT parameters as ``{(module, name): {k or None: column}}``.
-
-    A column is ``uot_<name>`` or ``uot_<name>_<k>`` (iteration ``k`` of a per-iteration value;
-    ``k`` is :obj:`None` for a scalar), prefixed by the layer's module path where a model has several
-    UOT layers (``convs.0.aggr.uot_eps``; ``module`` is ``""`` for the only one). Other columns are
-    ignored; one that starts with ``uot_`` but names no parameter of :data:`PARAMETERS` is kept under
-    its whole name."""
-    groups: Dict[Tuple[str, str], Dict[Optional[int], str]] = {}
-    for column in columns:
-        match = _COLUMN.fullmatch(column)
-        if match is not None:
-            key = ((match['path'] or match['module']).strip('._/-'), match['name'])
-            k = None if match['k'] is None else int(match['k'])
-        elif column.startswith('uot_'):
-            key, k = ('', column[len('uot_'):]), None
-        else:
-            continue
-        groups.setdefault(key, {})[k] = column
-    return groups
-
-
-def _series_from_layer(layer: UOTAggregation) -> Dict[Tuple[str, str], Dict[Optional[int], List[np.ndarray]]]:
-    series = {}
-    iterations = np.arange(layer.num_iters, dtype=float)  # k = 0, 1, ..., as in the per-epoch columns
-    for name in layer.init_values:
-        value = layer.value(name).detach().double().cpu().numpy()
-        # A value shared by all iterations is drawn as a constant over them.
-        series[('', name)] = {None: [(iterations, np.broadcast_to(value, iterations.shape))]}
-    return series
-
-
-def _series_from_tables(tables: Sequence[Table]):
+def _series(runs: Sequence[Values], steps: Optional[Any]) -> Dict[Tuple[str, str], Dict[Optional[int], list]]:
     series: Dict[Tuple[str, str], Dict[Optional[int], list]] = {}
-    for number, table in enumerate(tables):
-        columns = list(table.keys())
-        groups = parameter_columns(columns)
-        if not groups:
-            raise ValueError(f"table {number} has no UOT parameter columns (uot_<name> or "
-                             f"uot_<name>_<k>); its columns are {columns}")
-        length = len(table[columns[0]])
-        epochs = (np.asarray(table['epoch'], dtype=float) if 'epoch' in columns
-                  else np.arange(1, length + 1, dtype=float))
-        for key, by_k in groups.items():
-            for k, column in by_k.items():
-                # An empty cell (a row logged before the column existed) is a gap in the line.
-                values = np.asarray([math.nan if v in ('', None) else float(v) for v in table[column]],
-                                    dtype=float)
-                series.setdefault(key, {}).setdefault(k, []).append((epochs, values))
+    for number, run in enumerate(runs):
+        for name, value in run.items():
+            value = np.asarray(value, dtype=float)
+            if value.ndim not in (1, 2):
+                raise ValueError(f"'{name}' of run {number} must have shape (num_steps,) or "
+                                 f"(num_steps, num_iters) (got {value.shape})")
+            x = np.arange(1, len(value) + 1, dtype=float) if steps is None else np.asarray(steps, float)
+            if len(x) != len(value):
+                raise ValueError(f"'steps' has {len(x)} entries, '{name}' of run {number} has "
+                                 f"{len(value)}")
+            module, _, short = name.rpartition('.')
+            by_k = series.setdefault((module, short), {})
+            # A 2-D value holds one column per solver iteration k.
+            columns = {None: value} if value.ndim == 1 else dict(enumerate(value.T))
+            for k, y in columns.items():
+                by_k.setdefault(k, []).append((x, y))
     return series
 
 
-def plot_parameters(source: Union[UOTAggregation, Table, Sequence[Table]], *,
+def plot_parameters(source: Union[UOTAggregation, Values, Sequence[Values]], *,
+                    steps: Optional[Any] = None, xlabel: str = 'epoch',
                     title: Optional[str] = None) -> Figure:
-    r"""Draws the UOT parameters (``eps``, ``lam_p``, ``lam_q``, and ``rho``, ``gw``, ``prox`` when
-    present), one panel each.
+    r"""Draws the UOT parameters (``eps``, ``lam_p``, ``lam_q``, and ``rho``, ``gw``, ``prox``,
+    ``mass_exponent`` when present), one panel each.
 
     Args:
-        source: A :class:`~uotp_geometric.UOTAggregation`, whose current values are drawn per solver
-            iteration; or a per-epoch table (a mapping from column name to values, such as a dict of
-            lists or a pandas DataFrame) with columns ``uot_<name>`` or ``uot_<name>_<k>`` (see
-            :func:`parameter_columns`) and optionally ``epoch``, drawn over training; or a list of
-            such tables (one per fold or seed), drawn as one thin line each and their median.
+        source: A :class:`~uotp_geometric.UOTAggregation`, whose current values
+            (:func:`learned_values`) are drawn per solver iteration; or values recorded over
+            training, a mapping from parameter name to an array of shape ``(num_steps,)`` or, for
+            per-iteration values, ``(num_steps, num_iters)`` (NaN leaves a gap); or a list of such
+            mappings (one per fold or seed), drawn as one thin line each and their median. A name
+            ``"<module>.<name>"`` (``"convs.0.aggr.eps"``) tells the layers of a model apart.
+        steps (array, optional): The x position of each step, shared by all runs (default:
+            ``1, 2, ...``, epoch numbers).
+        xlabel (str): The x axis's label for recorded values.
         title (str, optional): The figure's title.
 
     A value fixed at ``inf`` (a hard marginal) is written in its panel instead of drawn.
     """
     if isinstance(source, UOTAggregation):
-        series, xlabel = _series_from_layer(source), 'solver iteration k'
+        iterations = np.arange(source.num_iters, dtype=float)  # k = 0, 1, ...
+        # A value shared by all iterations is drawn as a constant over them.
+        runs = [{name: np.broadcast_to(value, iterations.shape)
+                 for name, value in learned_values(source).items()}]
+        steps, xlabel = iterations, 'solver iteration k'
         title = title or (f'UOT parameters per iteration ({source.solver}, K={source.num_iters}, '
                           f'prior={source.prior}, per_iteration={source.per_iteration})')
     else:
-        tables = [source] if hasattr(source, 'keys') else list(source)
-        if not tables:
-            raise ValueError("plot_parameters needs a layer or at least one table")
-        series, xlabel = _series_from_tables(tables), 'epoch'
+        runs = [source] if isinstance(source, Mapping) else list(source)
+    series = _series(runs, steps)
+    if not series:
+        raise ValueError("plot_parameters needs a layer or at least one recorded value")
 
     keys = sorted(series, key=lambda key: (key[0], PARAMETERS.index(key[1])
                                            if key[1] in PARAMETERS else len(PARAMETERS), key[1]))

@@ -5,9 +5,9 @@ of row ``n``. The index need not be sorted, and a set may be empty. Every reduct
 operations over the flat tensor, so nothing is padded to the largest set.
 
 The scatter kernels come from :func:`torch_geometric.utils.scatter` by default. ``torch_scatter`` can be
-selected with :func:`use_backend`; on the CPU it was slower for the reductions used here (a segment
-log-sum-exp, forward and backward, took 2.3x as long), so it is never chosen implicitly. On accelerators,
-rows grouped by set use :func:`torch.segment_reduce` instead (see :class:`Segments`).
+selected with :func:`use_backend`; on the CPU it was slower for the reductions used here, so it is never
+chosen implicitly. On accelerators, rows grouped by set use :func:`torch.segment_reduce` instead (see
+:class:`Segments`).
 """
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple, Optional, Tuple
@@ -18,7 +18,8 @@ from torch_geometric.utils import scatter as pyg_scatter
 
 __all__ = [
     'Segments', 'sorted_segments', 'segment_sum', 'segment_count',
-    'segment_max', 'segment_exp', 'segment_logsumexp', 'use_backend', 'available_backends'
+    'segment_max', 'segment_exp', 'segment_logsumexp', 'infer_num_sets', 'use_backend',
+    'available_backends'
 ]
 
 ScatterFn = Callable[[Tensor, Tensor, int, Optional[int], str], Tensor]
@@ -68,9 +69,9 @@ class Segments(NamedTuple):
     r"""The sets of a flat batch: ``index[n]`` is the set of row ``n``, out of :obj:`num_sets`.
 
     :obj:`ptr` (CSR offsets, shape ``(num_sets + 1,)``) may be given when the rows are grouped by set
-    (sorted index); reductions then use :func:`torch.segment_reduce`, which needs no atomics: on an
-    H100 it was 3.7x (sum) and 24x (max) faster than scatter, on the CPU 10x slower, so
-    :mod:`uotp_geometric.functional` builds :obj:`ptr` on accelerators only.
+    (sorted index); reductions then use :func:`torch.segment_reduce`, which needs no atomics: on a
+    GPU it is faster than scatter, on the CPU slower, so :mod:`uotp_geometric.functional` builds
+    :obj:`ptr` on accelerators only.
     """
     index: Tensor
     num_sets: int
@@ -79,6 +80,14 @@ class Segments(NamedTuple):
     def gather(self, src: Tensor) -> Tensor:
         r"""Broadcasts a per-set tensor ``(num_sets, ...)`` to the rows, ``(N, ...)``."""
         return src.index_select(0, self.index)
+
+
+def infer_num_sets(index: Tensor, dim_size: Optional[int] = None) -> int:
+    r"""The number of sets: :obj:`dim_size` where given, else ``index.max() + 1`` (0 for no rows), as
+    PyG's scatter infers it."""
+    if dim_size is not None:
+        return dim_size
+    return int(index.max()) + 1 if index.numel() > 0 else 0
 
 
 def sorted_segments(index: Tensor, num_sets: int) -> Tuple[Tensor, Segments]:
@@ -95,7 +104,7 @@ def _reduce(src: Tensor, segments: Segments, reduce: str) -> Tensor:
         return torch.segment_reduce(src, reduce, offsets=segments.ptr, axis=0)
     if reduce == 'sum' and _scatter is pyg_scatter:
         # PyG's scatter broadcasts the index to src's shape for scatter_add_; index_add_ takes it
-        # as it is, one op with the same result (measured 10% faster on the CPU).
+        # as it is: one op with the same result, and faster on the CPU.
         out = src.new_zeros((segments.num_sets, *src.shape[1:]))
         return out.index_add_(0, segments.index, src)
     return _scatter(src, segments.index, 0, segments.num_sets, reduce)

@@ -11,7 +11,7 @@ from torch.nn import BatchNorm1d, Linear, ModuleList, ReLU, Sequential
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
-from experiments.models import make_readout
+from experiments.models import UOTOptions, make_readout
 
 
 class WeightedGINConv(MessagePassing):
@@ -69,15 +69,15 @@ class ContrastiveEncoder(torch.nn.Module):
     """AD-GCL's ``GInfoMinMax``: node encoder, readout (the graph embedding) and projection head.
 
     Node features are AD-GCL's constant 1 (``in_channels=1``). The readout is :func:`make_readout`'s
-    ``pooling`` (``readout_kwargs`` go to it) and keeps its own initialisation, so that every pooling starts as
+    ``pooling`` (``uot`` goes to it) and keeps its own initialisation, so that every pooling starts as
     in the supervised harness.
     """
 
     def __init__(self, pooling: str, emb_dim: int, num_layers: int, dropout: float,
-                 **readout_kwargs: float) -> None:
+                 uot: Optional[UOTOptions] = None) -> None:
         super().__init__()
         self.nodes = NodeEncoder(1, emb_dim, num_layers, dropout)
-        self.readout, readout_channels = make_readout(pooling, emb_dim, **readout_kwargs)
+        self.readout, readout_channels = make_readout(pooling, emb_dim, uot)
         self.head = Sequential(Linear(readout_channels, emb_dim), ReLU(), Linear(emb_dim, emb_dim))
         _xavier_init(self.nodes)
         _xavier_init(self.head)

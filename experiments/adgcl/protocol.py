@@ -34,12 +34,12 @@ from torch_geometric.data import InMemoryDataset
 from torch_geometric.loader import DataLoader
 
 from experiments.adgcl.model import ContrastiveEncoder, ViewLearner, drop_regulariser, nt_xent, relaxed_bernoulli
-from experiments.config import UsageError, dataclass_parser, parse_dataclass, read_dataclass
+from experiments.config import CHOICES, UsageError, dataclass_parser, parse_dataclass, read_dataclass
 from experiments.data import load_tu
-from experiments.models import POOLINGS
+from experiments.models import UOTOptions
 from experiments.protocol import derive_seed, summarize
-from experiments.records import (CHECKPOINT_ERRORS, EpochProgress, atomic_path, check_resumable, damaged, epoch_seconds,
-                                 git_commit, run_lock, uot_values, write_csv, write_json)
+from experiments.records import (EpochProgress, epoch_seconds, git_commit, git_dirty, resume, run_lock,
+                                 save_checkpoint, uot_values, write_csv, write_json)
 
 CSV_FIELDS = ("epoch", "model_loss", "view_loss", "reg", "train_acc", "val_acc", "test_acc", "train_seconds",
               "seconds")
@@ -48,8 +48,9 @@ EMBED_BATCH_SIZE = 128  # as AD-GCL; in eval mode the embeddings do not depend o
 
 
 @dataclass
-class AdgclConfig:
-    """One AD-GCL run over several seeds; the defaults are the UOT paper's script (``backbones/adgcl.py``)."""
+class AdgclConfig(UOTOptions):
+    """One AD-GCL run over several seeds; the defaults are the UOT paper's script (``backbones/adgcl.py``). The
+    UOT readout's options are those of :class:`~experiments.models.UOTOptions`."""
 
     dataset: str = "MUTAG"
     root: str = "data"  # holds <dataset>/raw; only read, never written
@@ -68,16 +69,14 @@ class AdgclConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     folds: int = 10  # of the SVM's cross-validation
     svm_search: bool = False  # False: LinearSVC at C = 1, as the UOT paper; True: C by AD-GCL's grid search
-    num_iters: int = 4  # K, the UOT solver's iterations
-    uot_eps: float = 1.0  # initial UOT values, as in experiments.config.Config
-    uot_lam_p: float = float("inf")
-    uot_lam_q: float = 1.0
-    uot_gw: float = 0.1
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError(f"--folds needs at least 2 (got {self.folds})")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1 (got {self.epochs})")
+        self.check_uot(self.pooling)
 
 
 # Fields that do not change what a seed computes: a seed's checkpoint may be resumed under other values.
@@ -85,7 +84,6 @@ RUNTIME_FIELDS = frozenset({"root", "cache", "out", "device", "seeds"})
 
 
 DESCRIPTION = "AD-GCL encoder trained without labels, linear SVM on its embeddings (the UOT paper's protocol)."
-CHOICES = dict(pooling=POOLINGS)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> AdgclConfig:
@@ -194,28 +192,15 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
     ckpt_path = Path(config.out) / f"seed{seed}.pt"
     seed_everything(derive_seed(seed))  # the initial parameters
     model = ContrastiveEncoder(config.pooling, config.emb_dim, config.num_layers, config.drop,
-                               num_iters=config.num_iters, eps=config.uot_eps, lam_p=config.uot_lam_p,
-                               lam_q=config.uot_lam_q, gw=config.uot_gw).to(device)
+                               uot=config.uot_options()).to(device)
     view_learner = ViewLearner(config.emb_dim, config.num_layers, config.drop, config.edge_mlp_dim).to(device)
     model_optimizer = Adam(model.parameters(), lr=config.lr)
     view_optimizer = Adam(view_learner.parameters(), lr=config.lr)
 
-    epoch, best, history = 0, None, []
-    if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device)
-            saved = ckpt["config"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
-        check_resumable(saved, config, RUNTIME_FIELDS, ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            view_learner.load_state_dict(ckpt["view_learner"])
-            model_optimizer.load_state_dict(ckpt["model_optimizer"])
-            view_optimizer.load_state_dict(ckpt["view_optimizer"])
-            epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        except CHECKPOINT_ERRORS as error:
-            raise damaged(ckpt_path, error, f"move it aside to train seed {seed} again") from None
+    states = dict(model=model, view_learner=view_learner, model_optimizer=model_optimizer,
+                  view_optimizer=view_optimizer)
+    epoch, best, history = resume(ckpt_path, config, RUNTIME_FIELDS, states,
+                                  f"move it aside to train seed {seed} again", device)
 
     y = dataset.y.numpy()
     progress = EpochProgress(f"AD-GCL {config.dataset} {config.pooling} seed {seed}", epoch, config.epochs)
@@ -243,10 +228,7 @@ def run_seed(config: AdgclConfig, dataset: InMemoryDataset, seed: int,
                         history[-1]["seconds"])
         # The log first: a kill between the two writes only makes the resumed run rewrite the same row.
         write_csv(ckpt_path.with_suffix(".csv"), CSV_FIELDS, history)
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(dict(config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
-                            view_learner=view_learner.state_dict(), model_optimizer=model_optimizer.state_dict(),
-                            view_optimizer=view_optimizer.state_dict(), best=best, history=history), tmp)
+        save_checkpoint(ckpt_path, config, epoch, states, best, history)
     progress.close()
     return best, history
 
@@ -276,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         mean, std = summarize([result["test_acc"] for result in seeds])
         results = dict(dataset=config.dataset, pooling=config.pooling, metric="accuracy", protocol="adgcl",
                        svm=svm_setting(config.svm_search), config=dataclasses.asdict(config), commit=git_commit(),
-                       seeds=seeds, mean=mean, std=std, **epoch_seconds(seconds))
+                       dirty=git_dirty(), seeds=seeds, mean=mean, std=std, **epoch_seconds(seconds))
         write_json(out / "results.json", results)
     spread = "" if std is None else f" ± {100 * std:.2f}"
     count = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"

@@ -15,7 +15,15 @@ from experiments.bench.cases import make_plan
 from experiments.bench.report import machine_info, write_outputs
 from experiments.bench.suite import run
 from experiments.bench.training import TrainingPlan
-from experiments.models import POOLINGS
+from experiments.models import POOLINGS, parse_label
+
+
+def _pooling(label: str) -> str:
+    try:
+        parse_label(label)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return label
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -30,9 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--training", action="store_true",
                         help="also time training epochs of GIN on PROTEINS per pooling (one thread)")
     parser.add_argument("--training-epochs", type=int, default=TrainingPlan.epochs, help="timed epochs per pooling")
-    parser.add_argument("--training-poolings", nargs="+", choices=POOLINGS, default=list(TrainingPlan.poolings),
+    parser.add_argument("--training-poolings", nargs="+", type=_pooling, default=list(TrainingPlan.poolings),
                         metavar="POOLING", help="poolings timed by --training, the first the baseline of the "
-                        f"ratios (default: {' '.join(TrainingPlan.poolings)}; any of {', '.join(POOLINGS)})")
+                        f"ratios (default: {' '.join(TrainingPlan.poolings)}; any of {', '.join(POOLINGS)}, or a "
+                        "UOT variant as the design tables name it, such as 'uot[prior=power]')")
     parser.add_argument("--root", default=TrainingPlan.root, help="TUDataset root for --training (read only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -148,10 +148,10 @@ class Plan:
 def make_plan(quick: bool) -> Plan:
     batches = [replace(b, dist=dist) for b in [*SKEWED, Batch(512, 25, dim=128)]
                for dist in ("uniform", "lognormal")]
-    if quick:  # about 5 minutes on 2 idle cores; the memory target at a quarter of its size
+    if quick:  # about 5 minutes on 2 idle cores; the memory target at half its size
         return Plan(repeats=5, warmup=1, batches=batches, num_iters=(4,), nodes=(1_000, 10_000, 100_000),
                     dims=(16, 64, 256, 512), iters=(1, 4, 16, 64), memory_batches=(),
-                    memory_target=Batch(500, 100, "uniform"), structure_batches=SKEWED)
+                    memory_target=Batch(1000, 100, "uniform"), structure_batches=SKEWED)
     return Plan(repeats=15, warmup=2, batches=batches, num_iters=(1, 4, 16),
                 nodes=(1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000),
                 dims=(16, 32, 64, 128, 256, 512), iters=(1, 2, 4, 8, 16, 32, 64), memory_batches=batches,

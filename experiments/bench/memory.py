@@ -34,18 +34,22 @@ def _status_mb(field: str) -> float:
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter, from glibc's malloc.h
+# The CPU allocator settings a memory measurement runs under. glibc serves large blocks from its heap once its
+# mmap threshold has adapted, and the heap keeps freed memory: the peak then depends on fragmentation, which is
+# what a user's process sees ("default"). A fixed threshold maps and unmaps every block ("mmap 64 KiB").
+DEFAULT_ALLOCATOR, FIXED_MMAP = "default", "mmap 64 KiB"
+CPU_ALLOCATORS = (DEFAULT_ALLOCATOR, FIXED_MMAP)
 
 
-def _rss_peak_mb(method: Method, batch: Batch, threads: int) -> float:
+def _rss_peak_mb(method: Method, batch: Batch, threads: int, allocator: str) -> float:
     """Runs in a fresh process: peak RSS of one forward+backward minus the RSS just before it.
 
     The peak is ``VmHWM``, reset to the current RSS first. ``getrusage().ru_maxrss`` would not do: over
     fork+exec it carries the parent's peak, and the parent here is the benchmark itself.
     """
     torch.set_num_threads(threads)
-    # glibc serves large blocks from its heap once its mmap threshold has adapted, and the heap keeps
-    # freed memory: the peak then depends on fragmentation. A fixed threshold maps and unmaps every block.
-    ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 1 << 16)
+    if allocator == FIXED_MMAP:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 1 << 16)
     x, index = batch.make()
     module = method.build(batch.dim, torch.device("cpu"))
     # A warm-up on a small batch loads the kernels and starts the thread pool (it needs 32k elements).
@@ -61,9 +65,9 @@ def _rss_peak_mb(method: Method, batch: Batch, threads: int) -> float:
     return _status_mb("VmHWM") - before
 
 
-def peak_mb_in_subprocess(method: Method, batch: Batch, threads: int) -> float:
+def peak_mb_in_subprocess(method: Method, batch: Batch, threads: int, allocator: str = FIXED_MMAP) -> float:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_rss_peak_mb, method, batch, threads).result()
+        return pool.submit(_rss_peak_mb, method, batch, threads, allocator).result()
 
 
 def available_mb(device: torch.device) -> float:

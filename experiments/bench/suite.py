@@ -12,14 +12,14 @@ import torch
 
 from experiments.bench.cases import (DEFAULT_MODE, SOFTMAX, PYG_AGGREGATIONS, Batch, Method, Plan,
                                      uot_methods)
-from experiments.bench.memory import available_mb, cuda_peak_mb, peak_mb_in_subprocess
+from experiments.bench.memory import CPU_ALLOCATORS, FIXED_MMAP, available_mb, cuda_peak_mb, peak_mb_in_subprocess
 from experiments.bench.timing import elapsed_ms, forward, forward_backward
 from experiments.bench.training import measure_training
 
 _START_S = time.perf_counter()  # progress messages count from the import
 
 
-COLUMNS = ["section", "config", "method", "solver", "K", "memory_efficient", "compiled", "N", "D", "B",
+COLUMNS = ["section", "config", "method", "solver", "K", "memory_efficient", "compiled", "allocator", "N", "D", "B",
            "max_set", "fwd_ms", "fwdbwd_ms", "peak_mb", "baseline", "fwd_ratio", "fwdbwd_ratio",
            "fwdbwd_ratio_min", "fwdbwd_ratio_max", "peak_ratio", "epoch_s", "epoch_ratio", "note"]
 
@@ -81,7 +81,8 @@ def measure_group(section: str, batch: Batch, methods: Sequence[Method], device:
         if device.type == "cuda":
             _record_peak(rows[method], lambda: cuda_peak_mb(module, x, index, batch.num_sets))
         elif memory:
-            _record_peak(rows[method], lambda: peak_mb_in_subprocess(method, batch, threads))
+            rows[method]["allocator"] = FIXED_MMAP
+            _record_peak(rows[method], lambda: peak_mb_in_subprocess(method, batch, threads, FIXED_MMAP))
     for method in modules:
         row, base = rows[method], method.baseline
         for key in ("fwd", "fwdbwd"):
@@ -97,26 +98,29 @@ def measure_group(section: str, batch: Batch, methods: Sequence[Method], device:
 
 
 def measure_memory_target(plan: Plan, device: torch.device, threads: int) -> list[dict[str, Any]]:
-    """Peak extra memory of forward+backward at each K of ``plan.memory_iters``; ratios to the least K."""
+    """Peak extra memory of forward+backward at each K of ``plan.memory_iters``, on the CPU under each allocator
+    setting of :data:`CPU_ALLOCATORS`; ratios to the least K under the same setting."""
     batch, k_base = plan.memory_target, min(plan.memory_iters)
-    rows: dict[Method, dict[str, Any]] = {}
-    for method in uot_methods(plan.solvers, sorted(plan.memory_iters)):
-        base = replace(method, num_iters=k_base)
-        row = rows[method] = _row("memory", batch, method)
-        row["baseline"] = base.label
-        # Autograd memory grows about linearly in K: skip what would crowd out the machine's other users.
-        expected_mb = rows[base].get("peak_mb", 0.0) * method.num_iters / k_base if base in rows else 0.0
-        if expected_mb > available_mb(device) / 2:
-            row["note"] = f"skipped: about {expected_mb:.0f} MB expected, {available_mb(device):.0f} MB free"
-            continue
-        if device.type == "cuda":
-            x, index = batch.make(device)
-            module = method.build(batch.dim, device)
-            forward_backward(module, x.requires_grad_(), index, batch.num_sets)  # warm-up
-            _record_peak(row, lambda: cuda_peak_mb(module, x, index, batch.num_sets))
-        else:
-            _record_peak(row, lambda: peak_mb_in_subprocess(method, batch, threads))
-        row["peak_ratio"] = row.get("peak_mb", math.nan) / rows[base].get("peak_mb", math.nan)
+    rows: dict[tuple[Method, str], dict[str, Any]] = {}
+    allocators = CPU_ALLOCATORS if device.type == "cpu" else ("cuda caching allocator",)
+    for allocator in allocators:
+        for method in uot_methods(plan.solvers, sorted(plan.memory_iters)):
+            base = rows.get((replace(method, num_iters=k_base), allocator), {})
+            row = rows[method, allocator] = dict(_row("memory", batch, method), allocator=allocator)
+            row["baseline"] = base.get("method", method.label)
+            # Autograd memory grows about linearly in K: skip what would crowd out the machine's other users.
+            expected_mb = base.get("peak_mb", 0.0) * method.num_iters / k_base
+            if expected_mb > available_mb(device) / 2:
+                row["note"] = f"skipped: about {expected_mb:.0f} MB expected, {available_mb(device):.0f} MB free"
+                continue
+            if device.type == "cuda":
+                x, index = batch.make(device)
+                module = method.build(batch.dim, device)
+                forward_backward(module, x.requires_grad_(), index, batch.num_sets)  # warm-up
+                _record_peak(row, lambda: cuda_peak_mb(module, x, index, batch.num_sets))
+            else:
+                _record_peak(row, lambda: peak_mb_in_subprocess(method, batch, threads, allocator))
+            row["peak_ratio"] = row.get("peak_mb", math.nan) / base.get("peak_mb", row.get("peak_mb", math.nan))
     return list(rows.values())
 
 

@@ -7,7 +7,7 @@ change hits them alike, and each pooling's time is divided by the baseline pooli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ from torch_geometric import seed_everything
 from torch_geometric.loader import DataLoader
 
 from experiments.config import parse_config
+from experiments.models import parse_label
 from experiments.train import TUTask, train_epoch
 
 
@@ -30,7 +31,8 @@ class TrainingPlan:
     config: str = "configs/tu/proteins.yaml"
     root: str = "../shared/data/TUDataset"
     cache: str = "~/.cache/uotp_geometric/TUDataset"
-    poolings: Sequence[str] = ("mean", "uot", "uot_badmm")  # the first is the baseline of the ratios
+    # Pooling names, or UOT variants as experiments.models.run_label names them; the first is the baseline.
+    poolings: Sequence[str] = ("mean", "uot", "uot_badmm")
     epochs: int = 6
     warmup: int = 1
     threads: int = 1
@@ -48,7 +50,8 @@ def measure_training(plan: TrainingPlan) -> list[dict[str, Any]]:
         loader = DataLoader(task.dataset[train_idx], config.batch_size, shuffle=True)
         runs = {}
         for pooling in plan.poolings:
-            pooled = TUTask(replace(config, pooling=pooling))
+            name, options = parse_label(pooling)
+            pooled = TUTask(replace(config, pooling=name, **asdict(options)))
             pooled.dataset = task.dataset
             seed_everything(config.seed)
             model = pooled.model()
@@ -67,10 +70,11 @@ def measure_training(plan: TrainingPlan) -> list[dict[str, Any]]:
     rows = []
     for pooling, times in seconds.items():
         ratios = np.array(times) / base
+        name, options = parse_label(pooling)
         rows.append(dict(section="training", config=f"GIN {config.num_layers}x{config.hidden} on {config.dataset}, "
                                                     f"batch {config.batch_size}, {plan.threads} thread(s)",
-                         method=pooling, solver=SOLVER_OF.get(pooling, ""),
-                         K=config.num_iters if pooling in SOLVER_OF else 0, N=len(train_idx),
+                         method=pooling, solver=SOLVER_OF.get(name, ""),
+                         K=options.num_iters if name in SOLVER_OF else 0, N=len(train_idx),
                          epoch_s=float(np.median(times)), baseline=plan.poolings[0],
                          epoch_ratio=float(np.median(ratios)),
                          note=f"ratio {ratios.min():.3g} to {ratios.max():.3g} over {plan.epochs} epochs (after "

@@ -20,6 +20,8 @@ from sklearn.svm import LinearSVC
 
 from experiments.adgcl.model import WeightedGINConv, drop_regulariser, nt_xent
 from experiments.adgcl.protocol import C_GRID, AdgclConfig, main, parse_config, svm_fold_accuracies
+from experiments.config import CHOICES
+from experiments.data import load_tu
 from tests.experiments.helpers import kill_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +62,8 @@ def test_acceptance(cache, tmp_path):
     assert all(0 <= seed["test_acc"] <= 1 and 0 <= seed["val_acc"] <= 1 for seed in results["seeds"])
     assert results["mean"] == results["seeds"][0]["test_acc"]
     assert results["std"] is None  # one seed
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert results["dirty"] == bool(status.stdout.strip())  # whether the commit alone gives the code
     assert results["config"]["folds"] == 10 and results["config"]["epochs"] == 2
     rows = _rows(tmp_path / "seed0.csv", drop=())
     assert [int(row["epoch"]) for row in rows] == [1, 2]
@@ -209,8 +213,9 @@ def test_every_field_has_a_flag(field):
     kind = typing.get_type_hints(AdgclConfig)[field.name]
     value, text = {int: (12, ["12"]), float: (0.125, ["0.125"]), str: ("xyz", ["xyz"]),
                    list[int]: ([1, 2], ["1", "2"]), bool: (True, ["true"])}[kind]
-    if field.name == "pooling":
-        value, text = "set2set", ["set2set"]  # a pooling name, not any string
+    if field.name in CHOICES:  # a name from a list, not any string
+        value = CHOICES[field.name][-1]
+        text = [value]
     assert getattr(parse_config([f"--{field.name}", *text]), field.name) == value
 
 
@@ -275,13 +280,24 @@ def test_damaged_checkpoint_is_named_in_one_line(reference, cache, tmp_path):
                                                 "train seed 0 again"]
 
 
-def test_missing_root_is_one_line_and_exit_2(tmp_path):
-    # A fresh cache: with the dataset already cached, the root is not read at all.
-    config = str(REPO / "configs/adgcl/mutag.yaml")
-    args = ["--config", config, "--root", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "out")]
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh cache", "filled cache"])
+def test_missing_root_is_one_line_and_exit_2(cache, tmp_path, fresh):
+    if not fresh:
+        load_tu("MUTAG", REPO / "data", cache)
+    args = ["--config", str(REPO / "configs/adgcl/mutag.yaml"), "--root", str(tmp_path / "nowhere"),
+            "--cache", str(tmp_path / "cache" if fresh else cache), "--out", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "-m", "experiments.adgcl", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr and str(tmp_path / "nowhere") in done.stderr.splitlines()[-1]
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"--root {tmp_path / 'nowhere'} does not exist" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--pooling", "uot", "--uot_eps", "-1"], "--uot_eps must be positive for solver='sinkhorn' (got -1.0)")])
+def test_bad_values_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as error:
+        main(["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *argv])
+    assert error.value.code == 2 and capsys.readouterr().err.endswith(f"error: {message} (see --help)\n")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

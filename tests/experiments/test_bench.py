@@ -102,10 +102,14 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
                for row in padded.itertuples())
     memory = df[df.section == "memory"]  # each in a fresh process
     grad_mb = memory.N * memory.D * 4 / 2**20
-    assert len(memory) == 2 * len(bench.MODES)
+    assert len(memory) == 2 * len(bench.MODES) * 2  # K = 1, 2 under each allocator setting
+    assert list(memory.allocator.unique()) == ["default", "mmap 64 KiB"]
     assert (memory.peak_mb > grad_mb).all()  # at least x.grad
     assert (memory.peak_mb < 100 * grad_mb).all()  # and not the whole process
     assert (memory[memory.K == 1].peak_ratio == 1).all()
+    for row in memory[memory.K == 2].itertuples():  # divided by K = 1 under the same allocator setting
+        base = memory[(memory.K == 1) & (memory.allocator == row.allocator) & (memory.method == row.baseline)]
+        assert row.peak_ratio == pytest.approx(row.peak_mb / base.peak_mb.item())
 
     saved = pd.read_csv(tmp_path / "results.csv")
     assert list(saved.columns) == bench.COLUMNS and len(saved) == len(df)
@@ -121,11 +125,13 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
 def test_training_section(tmp_path: Path, one_thread: int) -> None:
     repo = Path(__file__).resolve().parents[2]
     plan = bench.TrainingPlan(config=str(repo / "configs/tu/mutag.yaml"), root=str(repo / "data"),
-                              cache=str(tmp_path / "cache"), epochs=2, warmup=0, threads=one_thread)
+                              cache=str(tmp_path / "cache"), epochs=2, warmup=0, threads=one_thread,
+                              poolings=("mean", "uot", "uot_badmm", "uot[num_iters=2, prior=power]"))
     rows = bench.measure_training(plan)
-    assert [row["method"] for row in rows] == ["mean", "uot", "uot_badmm"]
+    assert [row["method"] for row in rows] == list(plan.poolings)
     assert rows[0]["epoch_ratio"] == 1 and all(row["epoch_s"] > 0 for row in rows)
-    assert [row["solver"] for row in rows] == ["", "sinkhorn", "badmm"]
+    assert [row["solver"] for row in rows] == ["", "sinkhorn", "badmm", "sinkhorn"]
+    assert rows[-1]["K"] == 2
     df = pd.DataFrame(rows, columns=bench.COLUMNS)
     table = bench.headline(df)
     assert list(table.measured) == [rows[1]["epoch_ratio"], rows[2]["epoch_ratio"]]
@@ -135,10 +141,12 @@ def test_training_poolings_are_chosen_on_the_command_line(monkeypatch, tmp_path:
     plans = []
     monkeypatch.setattr(bench_main, "run", lambda plan, device, threads: plans.append(plan) or pd.DataFrame())
     monkeypatch.setattr(bench_main, "write_outputs", lambda *args: None)
-    bench_main.main(["--quick", "--training", "--training-poolings", "add", "gmt", "rot", "--out", str(tmp_path)])
-    assert plans[0].training.poolings == ("add", "gmt", "rot")
-    with pytest.raises(SystemExit):
-        bench_main.main(["--quick", "--training", "--training-poolings", "median", "--out", str(tmp_path)])
+    bench_main.main(["--quick", "--training", "--training-poolings", "add", "gmt", "rot", "uot[prior=power]",
+                     "--out", str(tmp_path)])
+    assert plans[0].training.poolings == ("add", "gmt", "rot", "uot[prior=power]")
+    for wrong in ("median", "uot[prior=power", "add[prior=power]", "uot[temperature=2]"):
+        with pytest.raises(SystemExit):
+            bench_main.main(["--quick", "--training", "--training-poolings", wrong, "--out", str(tmp_path)])
 
 
 def test_machine_info_names_the_allocator_settings(monkeypatch) -> None:
@@ -149,3 +157,19 @@ def test_machine_info_names_the_allocator_settings(monkeypatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "268435456")
     info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
     assert info["memory allocator"] == "MALLOC_TRIM_THRESHOLD_=268435456"
+
+
+def test_memory_headline_per_allocator() -> None:
+    rows = []
+    for allocator, scale in (("default", 3.0), ("mmap 64 KiB", 1.0)):
+        for solver, k, peak in (("sinkhorn", 4, 100.0), ("sinkhorn", 32, 110.0), ("badmm", 4, 150.0),
+                                ("badmm", 32, 240.0)):
+            rows.append(dict(section="memory", method=f"UOT {solver} K={k} efficient", solver=solver, K=k,
+                             memory_efficient=True, allocator=allocator, N=100, D=8, B=2, peak_mb=scale * peak,
+                             peak_ratio=peak / {"sinkhorn": 100.0, "badmm": 150.0}[solver]))
+    table = bench.headline(pd.DataFrame(rows, columns=bench.COLUMNS)).set_index("quantity")
+    across = table[table.index.str.startswith("peak memory badmm / sinkhorn")]
+    assert list(across.measured) == [1.5, 1.5]
+    assert list(across["target (issue)"]) == ["<= 2 (26)", "none"]  # the target is for the default allocator
+    k_rows = table[table.index.str.contains("K=32 / K=4, UOT badmm")]
+    assert list(k_rows.measured) == [1.6, 1.6] and k_rows.index[0].endswith("allocator: default")

@@ -1,13 +1,14 @@
 import dataclasses
 import inspect
 import math
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 
-from experiments.config import RUNTIME_FIELDS, Config, parse_config
-from experiments.models import POOLINGS, make_readout
+from experiments.config import CHOICES, RUNTIME_FIELDS, Config, parse_config
+from experiments.models import POOLINGS
 from uotp_geometric import UOTAggregation
 
 
@@ -28,8 +29,8 @@ def test_yaml_then_flags(tmp_path):
 def test_every_field_has_a_flag(field):
     kind = typing.get_type_hints(Config)[field.name]
     value, text = {int: (12, "12"), float: (0.125, "0.125"), bool: (False, "false"), str: ("xyz", "xyz")}[kind]
-    if field.name == "pooling":  # a name from a list
-        value, text = "mean", "mean"
+    if field.name in CHOICES:  # a name from a list
+        value = text = CHOICES[field.name][1]
     assert getattr(parse_config([f"--{field.name}", text]), field.name) == value
 
 
@@ -92,6 +93,27 @@ def test_folds_need_three(capsys, folds):
     assert parse_config(["--folds", "3"]).folds == 3
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--pooling", "uot", "--uot_eps", "-1"], "--uot_eps must be positive for solver='sinkhorn' (got -1.0)"),
+    (["--pooling", "uot", "--uot_eps", "0"], "--uot_eps must be positive for solver='sinkhorn' (got 0.0)"),
+    (["--pooling", "uot_badmm", "--uot_rho", "0"], "--uot_rho must be positive for solver='badmm' (got 0.0)"),
+    (["--pooling", "rot", "--uot_gw", "-1"], "--uot_gw must be finite and non-negative for solver='sinkhorn' (got -1.0)"),
+    (["--pooling", "uot", "--uot_prior", "power", "--uot_mass_exponent", "2"],
+     "--uot_mass_exponent must lie in [0, 1] (got 2.0)"),
+    (["--pooling", "uot", "--num_iters", "0"], "--num_iters must be an integer >= 1 (got 0)"),
+])
+def test_bad_values_are_refused_when_read(capsys, argv, message):
+    code, err = _usage_error(capsys, argv)
+    assert code == 2 and err == f"{Path(sys.argv[0]).name}: error: {message} (see --help)\n"
+
+
+@pytest.mark.parametrize("argv", [["--pooling", "uot_badmm", "--uot_eps", "0"],  # BADMM may drop the entropy
+                                  ["--pooling", "add", "--uot_eps", "-1"]])  # not a UOT pooling: not read
+def test_values_a_layer_accepts(argv):
+    assert parse_config(argv).uot_eps == float(argv[-1])
+
+
 def test_help_documents_the_limits(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"])
@@ -111,10 +133,10 @@ def test_threads_is_a_runtime_field():
 
 def test_layer_readout_and_harness_start_from_the_same_values():
     layer = inspect.signature(UOTAggregation).parameters
-    readout = inspect.signature(make_readout).parameters
-    for name in ("eps", "lam_p", "lam_q"):
-        assert layer[name].default == readout[name].default == getattr(Config, f"uot_{name}"), name
-    assert readout["gw"].default == Config.uot_gw  # the starting weight of rot and rot_badmm
+    for name in ("eps", "lam_p", "lam_q", "rho", "prior", "per_iteration", "mass_exponent"):
+        assert layer[name].default == getattr(Config, f"uot_{name}"), name
+    assert layer["num_iters"].default == Config.num_iters
+    assert Config.uot_gw == 0.1  # the starting weight of rot and rot_badmm (the layer's gw = 0 is plain UOT)
     assert layer["lam_p"].default == math.inf
     # The README's first snippet builds the layer with its defaults for these values.
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -40,7 +40,6 @@ def test_one_hot_degree_and_root_untouched(tmp_path):
     assert torch.equal(dataset[0].x.argmax(dim=1), torch.tensor([1, 2, 1]))
     assert torch.equal(dataset[1].x.argmax(dim=1), torch.tensor([3, 1, 1, 1]))
     assert torch.equal(dataset.y, torch.tensor([0, 1]))
-    assert len(load_tu("TOY", tmp_path / "elsewhere", cache)) == 2  # a filled cache needs no root
 
 
 def test_normalised_degree_from_degree_1000(tmp_path):
@@ -66,6 +65,17 @@ def test_missing_root_is_named_and_leaves_no_cache_entry(tmp_path):
     assert len(load_tu("MUTAG", REPO / "data", cache)) == 188  # the same cache, nothing to clean up
 
 
+def test_missing_root_is_an_error_with_a_filled_cache_too(tmp_path):
+    cache = tmp_path / "cache"
+    assert len(load_tu("MUTAG", REPO / "data", cache)) == 188
+    message = (f"--root {tmp_path / 'nowhere'} does not exist; point --root at a folder that holds "
+               f"MUTAG/raw/MUTAG_A.txt and the other TU files, or at an existing folder without it to download it "
+               f"into --cache")
+    with pytest.raises(DatasetNotFound) as error:
+        load_tu("MUTAG", tmp_path / "nowhere", cache)
+    assert str(error.value) == message
+
+
 def test_failed_download_leaves_nothing_and_says_where(tmp_path, monkeypatch):
     # A URL that refuses at once, whatever network this machine has.
     monkeypatch.setattr(TUDataset, "url", "http://127.0.0.1:9")
@@ -87,4 +97,3 @@ def test_an_entry_left_by_a_failed_download_is_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     (cache / "MUTAG" / "raw").mkdir(parents=True)  # what a failed download of an earlier version left
     assert len(load_tu("MUTAG", REPO / "data", cache)) == 188
-

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.models import GIN, POOLINGS, MixedAggregation, make_readout
+from experiments.models import GIN, POOLINGS, MixedAggregation, UOTOptions, make_readout
 
 
 def _graphs(num_graphs=5, channels=7):
@@ -21,7 +21,7 @@ def _graphs(num_graphs=5, channels=7):
 def test_readout_forward_backward(name):
     torch.manual_seed(0)
     x, _, batch = _graphs(channels=16)
-    readout, width = make_readout(name, 16, num_iters=3)
+    readout, width = make_readout(name, 16, UOTOptions(num_iters=3))
     x.requires_grad_()
     out = readout(x, batch, dim_size=5)
     assert out.shape == (5, width)
@@ -38,13 +38,21 @@ def test_gin_trains_with_every_readout(name):
     torch.manual_seed(0)
     x, edge_index, batch = _graphs()
     y = torch.tensor([0, 1, 1, 0, 1])
-    model = GIN(7, 2, name, hidden=16, num_layers=2, num_iters=2)
-    loss = F.cross_entropy(model(x, edge_index, batch, 5), y)
-    loss.backward()
-    assert torch.isfinite(loss)
-    # DDP requires every parameter to take part in the loss.
-    for param_name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+    # No dropout, so that the loss of the same batch is comparable from step to step.
+    model = GIN(7, 2, name, hidden=16, num_layers=2, dropout=0.0, uot=UOTOptions(num_iters=2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(10):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x, edge_index, batch, 5), y)
+        loss.backward()
+        assert torch.isfinite(loss)
+        if step == 0:  # DDP requires every parameter to take part in the loss.
+            for param_name, param in model.named_parameters():
+                assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_unknown_pooling():
@@ -64,7 +72,7 @@ def test_mixed_aggregation_interpolates_mean_and_max():
 
 @pytest.mark.parametrize("name", ["rot", "rot_badmm"])
 def test_structure_weight_reaches_rot_readouts_only(name):
-    readout, _ = make_readout(name, 8, gw=0.3)
+    readout, _ = make_readout(name, 8, UOTOptions(uot_gw=0.3))
     assert readout.value("gw").item() == pytest.approx(0.3, rel=1e-6)
-    uot, _ = make_readout(name.replace("rot", "uot"), 8, gw=0.3)
+    uot, _ = make_readout(name.replace("rot", "uot"), 8, UOTOptions(uot_gw=0.3))
     assert "gw" not in uot.init_values  # UOT-Pooling is gw = 0, fixed

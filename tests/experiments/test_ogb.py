@@ -14,8 +14,8 @@ import torch.nn.functional as F
 pytest.importorskip("ogb")
 
 from experiments.config import parse_config  # noqa: E402
-from experiments.data import load_ogb  # noqa: E402
-from experiments.models import BACKBONES, POOLINGS, OGBGNN  # noqa: E402
+from experiments.data import DatasetNotFound, load_ogb  # noqa: E402
+from experiments.models import BACKBONES, POOLINGS, OGBGNN, UOTOptions  # noqa: E402
 from experiments.protocol import ShardedBatchSampler, better, higher_is_better, masked_loss  # noqa: E402
 from experiments.table import main as table  # noqa: E402
 from experiments.train import main  # noqa: E402
@@ -73,7 +73,9 @@ def test_load_ogb_leaves_the_root_untouched(tmp_path):
     assert (tmp_path / "ogbg_molfreesolv" / "processed" / "geometric_data_processed.pt").is_file()
     assert len(dataset) == 642 and dataset.eval_metric == "rmse"
     assert [len(idx) for idx in dataset.get_idx_split().values()] == [513, 64, 65]
-    assert len(load_ogb("ogbg-molfreesolv", tmp_path / "elsewhere", tmp_path)) == 642  # the cache suffices
+    assert len(load_ogb("ogbg-molfreesolv", root, tmp_path)) == 642  # from the cache
+    with pytest.raises(DatasetNotFound, match=f"--root {tmp_path / 'elsewhere'} does not exist"):
+        load_ogb("ogbg-molfreesolv", tmp_path / "elsewhere", tmp_path)  # a mistyped root, even with the cache filled
 
 
 def test_masked_loss_ignores_missing_labels():
@@ -144,7 +146,7 @@ def _molecules(num_graphs=4):
 def test_ogb_model_trains_with_every_readout(backbone, pooling):
     torch.manual_seed(0)
     x, edge_index, edge_attr, batch = _molecules()
-    model = OGBGNN(3, pooling, backbone == "gin-virtual", emb_dim=16, num_layers=3, num_iters=2)
+    model = OGBGNN(3, pooling, backbone == "gin-virtual", emb_dim=16, num_layers=3, uot=UOTOptions(num_iters=2))
     out = model(x, edge_index, edge_attr, batch, 4)
     assert out.shape == (4, 3)
     out.square().sum().backward()

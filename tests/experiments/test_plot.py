@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments.data import load_tu
-from experiments.plot import dim_ranges, main, node_names, pooling_distances
+from experiments.plot import dim_ranges, distance_table, logged_values, main, node_names, pooling_distances
 from uotp_geometric import UOTAggregation
 from tests.uotp_geometric.helpers import ragged_batch
 
@@ -130,3 +130,45 @@ def test_a_damaged_checkpoint(tmp_path, capsys):
     (run / "fold0.pt").write_bytes(b"not a checkpoint")
     main([str(run), "--out", str(tmp_path / "pictures")])
     assert f"{run / 'fold0.pt'} cannot be read" in capsys.readouterr().out
+
+
+def test_logged_values_from_csv_cells():
+    log = {"epoch": ["1", "2", "3"], "train_loss": ["0.5", "0.4", "0.3"], "uot_eps": ["1.0", "0.9", "0.8"],
+           "uot_lam_q_1": ["2.0", "2.5", "3.0"], "uot_lam_q_0": ["", "1.5", "1.25"], "uot_lam_p": ["inf"] * 3}
+    values = logged_values(log)
+    assert sorted(values) == ["eps", "lam_p", "lam_q"]
+    np.testing.assert_array_equal(values["eps"], [1.0, 0.9, 0.8])
+    np.testing.assert_array_equal(values["lam_p"], [math.inf] * 3)
+    np.testing.assert_array_equal(values["lam_q"], [[math.nan, 2.0], [1.5, 2.5], [1.25, 3.0]])  # column k = 0, 1
+
+
+def test_the_table_names_the_constant_dimensions():
+    distances = np.array([[0.1, np.nan, 0.5, np.nan, 0.2],
+                          [0.3, np.nan, 0.4, np.nan, 0.1]])
+    lines = distance_table(["mean", "max"], distances)
+    assert lines[0] == "3 of 5 dimensions compared; 2 constant over the nodes (1, 3) have no distance and are left out."
+    assert lines[4] == "| mean | 0.267 | 0.2 | 1 of 3 | 0 |"
+    assert lines[5] == "| max | 0.267 | 0.3 | 2 of 3 | 2, 4 |"
+    assert distance_table(["mean"], np.ones((1, 2)))[0] == "2 of 2 dimensions compared; none is constant over the nodes."
+
+
+def test_a_missing_root_is_one_line(run, cache, tmp_path, capsys):
+    main([str(run), "--out", str(tmp_path / "pictures"), "--cache", str(cache), "--root", "/nonexistent/root"])
+    printed = capsys.readouterr().out
+    assert "--root /nonexistent/root does not exist" in printed and "so no plan pictures" in printed
+    assert (tmp_path / "pictures/parameters.png").exists()
+
+
+def test_an_adgcl_run_gets_its_parameters_and_one_line_about_plans(cache, tmp_path):
+    run = tmp_path / "adgcl"
+    subprocess.run([sys.executable, "-m", "experiments.adgcl", "--root", str(REPO / "data"), "--cache", str(cache),
+                    "--pooling", "uot", "--epochs", "2", "--seeds", "0", "--folds", "2", "--out", str(run)], cwd=REPO,
+                   check=True, capture_output=True)
+    out = tmp_path / "pictures"
+    done = subprocess.run([sys.executable, "-m", "experiments.plot", str(run), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.splitlines() == [
+        f"{run / 'seed0.pt'} is an AD-GCL checkpoint (an encoder trained without labels, no test split), so no plan "
+        f"pictures and no pooling comparison: they need a run of experiments.train", f"1 files -> {out}"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "parameters.png"]

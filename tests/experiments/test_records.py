@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from experiments.records import (atomic_path, csv_text, epoch_seconds, git_commit, run_lock, uot_values, write_csv,
+from experiments.records import (atomic_path, csv_text, epoch_seconds, git_commit, run_lock, uot_columns, uot_values, write_csv,
                                  write_json)
 from uotp_geometric import UOTAggregation
 
@@ -109,6 +109,26 @@ def test_uot_values_per_iteration_and_several_layers():
     assert set(values) >= set(expected)  # and the lam_q values
     for key, value in expected.items():
         assert values[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_uot_columns_read_back_uot_values():
+    model = torch.nn.Module()
+    model.first = UOTAggregation(num_iters=2, per_iteration=True, prior="power")
+    model.second = UOTAggregation(solver="badmm", gw=0.5)
+    columns = ["epoch", *uot_values(model), "lam_q"]
+    assert uot_columns(columns) == {
+        "first.eps": {0: "first.uot_eps_0", 1: "first.uot_eps_1"},
+        "first.lam_p": {0: "first.uot_lam_p_0", 1: "first.uot_lam_p_1"},
+        "first.lam_q": {0: "first.uot_lam_q_0", 1: "first.uot_lam_q_1"},
+        "first.mass_exponent": {None: "first.uot_mass_exponent"},
+        **{f"second.{name}": {None: f"second.uot_{name}"} for name in ("eps", "lam_p", "lam_q", "rho", "gw")}}
+
+
+def test_uot_columns_of_older_logs():
+    columns = ["uot_eps", "uot_lam_q_0", "uot_lam_q_10", "readout.uot_rho_1", "uot_readout_eps", "uot_other"]
+    assert uot_columns(columns) == {
+        "eps": {None: "uot_eps"}, "lam_q": {0: "uot_lam_q_0", 10: "uot_lam_q_10"}, "readout.rho": {1: "readout.uot_rho_1"},
+        "readout.eps": {None: "uot_readout_eps"}, "other": {None: "uot_other"}}
 
 
 def test_git_commit_names_this_checkout():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.data import load_tu
 from experiments.models import POOLINGS
 from experiments.train import main
 from tests.experiments.helpers import kill_after_checkpoint
@@ -40,6 +41,10 @@ def _train(*args):
                           capture_output=True, text=True)
 
 
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _results(out):
     return json.loads((out / "results.json").read_text())
 
@@ -60,6 +65,8 @@ def test_results_and_logs(reference):
     results = _results(reference)
     assert (results["dataset"], results["pooling"], results["metric"]) == ("MUTAG", "uot", "accuracy")
     assert results["config"]["folds"] == 3 and results["config"]["epochs"] == EPOCHS
+    assert results["commit"] == _git("rev-parse", "HEAD")
+    assert results["dirty"] == bool(_git("status", "--porcelain"))
     assert [fold["fold"] for fold in results["folds"]] == [0, 1, 2]
     accs = [fold["test_acc"] for fold in results["folds"]]
     assert all(0 <= acc <= 1 for acc in accs)
@@ -245,7 +252,7 @@ def test_threads_may_change_on_resume(reference, cache):
 
 @pytest.mark.parametrize("mistake", [["--pooling", "uott"], ["--epoch", "2"], ["--folds", "2"],
                                      ["--dataset", "ogbg-molnothing"], ["--root", "/nonexistent/root"],
-                                     ["--restart", "3"]])
+                                     ["--restart", "3"], ["--epochs", "0"], ["--uot_eps", "-1"]])
 def test_command_line_mistakes_exit_2_and_write_nothing(tmp_path, mistake, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     with pytest.raises(SystemExit) as error:
@@ -259,6 +266,20 @@ def test_command_line_mistakes_exit_2_and_write_nothing(tmp_path, mistake, capsy
         assert "--root /nonexistent/root does not exist" in err
     if mistake[0] == "--restart":
         assert "--restart 3: no such fold (this run has 0, 1, 2)" in err
+    if mistake[0] == "--epochs":
+        assert "--epochs must be at least 1 (got 0)" in err
+    if mistake[0] == "--uot_eps":
+        assert "--uot_eps must be positive for solver='sinkhorn' (got -1.0)" in err
+
+
+def test_a_missing_root_is_an_error_with_a_filled_cache_too(cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    load_tu("MUTAG", REPO / "data", cache)  # the cache holds MUTAG
+    with pytest.raises(SystemExit) as error:
+        main(_args(out, cache, "--root", "/nonexistent/root"))
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and err.count("\n") == 1 and not out.exists()
+    assert "--root /nonexistent/root does not exist; point --root at a folder that holds MUTAG/raw/MUTAG_A.txt" in err
 
 
 def test_unknown_pooling_as_a_user_sees_it(tmp_path):

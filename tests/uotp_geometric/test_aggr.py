@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch_geometric.nn import GATConv, GraphConv, SAGEConv
-from torch_geometric.nn.aggr import MultiAggregation
+from torch_geometric.nn.aggr import MultiAggregation, SumAggregation
 from torch_geometric.utils import scatter, softmax
 
 import uotp_geometric
@@ -95,6 +95,86 @@ def test_repr():
         'lam_q=1, learn=True, per_iteration=False, prior=attention, '
         'channels=8)')
     assert 'rho=0.5' in repr(UOTAggregation(solver='badmm', rho=0.5))
+
+
+def test_repr_shows_the_learned_values():
+    aggr = UOTAggregation(num_iters=3, eps=1.0, lam_q=1.0)
+    with torch.no_grad():  # softplus(log(e^v - 1)) = v: as if training had moved eps and lam_q
+        aggr.eps_raw.fill_(math.log(math.expm1(0.964)))
+        aggr.lam_q_raw.fill_(math.log(math.expm1(0.918)))
+    assert repr(aggr).startswith(
+        'UOTAggregation(solver=sinkhorn, num_iters=3, eps=0.964, lam_p=inf, lam_q=0.918, ')
+    per_iteration = UOTAggregation(num_iters=3, eps=[0.5, 0.25, 2.0])
+    assert 'eps=[0.5, 0.25, 2], lam_p=inf, lam_q=1, ' in repr(per_iteration)
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_values_per_iteration_at_construction(solver):
+    eps = torch.tensor([1.0, 0.5, 0.5, 0.5])
+    lam_q = [2.0, 1.0, 0.5, 0.25]  # a sequence works too
+    aggr = UOTAggregation(solver=solver, eps=eps, lam_q=lam_q, lam_p=2.0)
+    assert aggr.per_iteration  # implied
+    assert {name for name, _ in aggr.named_parameters()} >= {'eps_raw', 'lam_q_raw', 'lam_p_raw'}
+    torch.testing.assert_close(aggr.value('eps'), eps)
+    torch.testing.assert_close(aggr.value('lam_q'), torch.tensor(lam_q))
+    torch.testing.assert_close(aggr.value('lam_p'), torch.full((4, ), 2.0))
+    with torch.no_grad():
+        aggr.eps_raw.add_(1.0)
+    aggr.reset_parameters()
+    torch.testing.assert_close(aggr.value('eps'), eps)
+    # The layer is the functional form with those schedules (which test_functional checks densely);
+    # fixed values hold them exactly.
+    fixed = UOTAggregation(solver=solver, eps=eps, lam_q=lam_q, lam_p=2.0, learn=False).double()
+    x, index = ragged_batch([3, 6, 1], 5, seed=4)
+    expected = uotp_geometric.uot_pool(x, index, solver=solver, eps=eps.double(), lam_q=lam_q,
+                                       lam_p=2.0, num_iters=4)
+    torch.testing.assert_close(fixed(x, index), expected, rtol=1e-12, atol=1e-12)
+    # An entry of 0 or inf cannot be learned through the softplus: that value stays fixed.
+    fixed = UOTAggregation(solver=solver, lam_p=[INF, 1.0, 1.0, 1.0])
+    assert 'lam_p_raw' not in dict(fixed.named_parameters())
+    assert fixed.value('lam_p').tolist() == [INF, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"'eps' must be a scalar or have shape \(4,\)"):
+        UOTAggregation(solver=solver, eps=[1.0, 0.5])
+    with pytest.raises(ValueError, match="'lam_q' must be non-negative"):
+        UOTAggregation(solver=solver, lam_q=[1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize('prior', ['uniform', 'attention', 'power'])
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_bfloat16_model_trains_a_step(solver, prior):
+    # model.to(torch.bfloat16): the readout returns bf16, so the next bf16 Linear composes.
+    torch.manual_seed(0)
+    x, index = ragged_batch([3, 5, 2, 4], 6, dtype=torch.float32)
+    y = torch.tensor([0, 1, 1, 0])
+    model = torch.nn.ModuleDict(dict(
+        lin=torch.nn.Linear(6, 8),
+        pool=UOTAggregation(solver=solver, prior=prior, channels=8, lam_p=1.0),
+        out=torch.nn.Linear(8, 2))).to(torch.bfloat16)
+    before = model['out'].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pooled = model['pool'](model['lin'](x.to(torch.bfloat16)), index)
+    assert pooled.dtype == torch.bfloat16 and torch.isfinite(pooled).all()
+    loss = torch.nn.functional.cross_entropy(model['out'](pooled), y)
+    loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.isfinite(param).all(), name
+        assert torch.isfinite(param.grad).all(), name
+    assert model['pool'].eps_raw.grad.abs().sum() > 0  # the readout's values learn too
+    assert not torch.equal(model['out'].weight, before)
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_no_feature_columns_give_the_empty_result(solver):
+    x = torch.randn(5, 0, requires_grad=True)
+    index = torch.tensor([0, 0, 1, 2, 2])
+    aggr = UOTAggregation(solver=solver)
+    out = aggr(x, index, dim_size=4)
+    assert out.shape == SumAggregation()(x, index, dim_size=4).shape == (4, 0)
+    assert aggr.plan(x, index).shape == (5, 0)
+    assert aggr(torch.randn(7, 3, 0), torch.tensor([0, 1, 1, 0, 2, 2, 2]), dim=0).shape == (3, 3, 0)
+    out.sum().backward()
+    assert x.grad.shape == (5, 0)
 
 
 @pytest.mark.parametrize('solver', SOLVERS)
@@ -236,3 +316,74 @@ def test_preset_errors():
         UOTAggregation.from_preset('attention')
     with pytest.raises(ValueError, match="'t'"):
         UOTAggregation.from_preset('mean', t=0.5)
+
+
+# The power prior (spec §8): a plan of mass N^a with a learned exponent a.
+
+def _per_set(x, index, reduce):
+    r"""A dense per-set float64 reference: ``reduce`` applied to each set's rows."""
+    return torch.stack([reduce(x[index == b]) for b in range(int(index.max()) + 1)])
+
+
+# The mean limit: Sinkhorn at eps = inf is exact, BADMM's rho = 1e6 is a limit.
+MEAN_LIMIT = [('sinkhorn', dict(eps=INF), 1e-12), ('badmm', dict(eps=0.0, rho=1e6), 1e-5)]
+
+
+@pytest.mark.parametrize('solver,setting,tol', MEAN_LIMIT)
+@pytest.mark.parametrize('a', [0.0, 0.25, 1.0])
+def test_power_prior_in_the_mean_limit_is_size_to_the_a_times_mean(solver, setting, tol, a):
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(solver, num_iters=1, lam_p=INF, lam_q=INF, prior='power', mass_exponent=a,
+                          learn=False, **setting).double()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    expected = sizes.pow(a).unsqueeze(-1) * _per_set(x, index, lambda s: s.mean(0))
+    assert relative_error(aggr(x, index), expected) < tol
+
+
+def test_power_prior_in_the_softmax_limit():
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=1, eps=0.5, lam_p=INF, lam_q=0.0, prior='power', mass_exponent=0.375,
+                          learn=False).double()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    expected = sizes.pow(0.375).unsqueeze(-1) * _per_set(x, index, lambda s: (s.div(0.5).softmax(0) * s).sum(0))
+    assert relative_error(aggr(x, index), expected) < 1e-12
+
+
+@pytest.mark.parametrize('solver,num_iters', [('sinkhorn', 3000), ('badmm', 3000)])
+def test_power_prior_with_a_soft_marginal_matches_pot(solver, num_iters):
+    # With a finite lam_p the mass N^a also reshapes the plan, so it is no rescaled uniform plan.
+    sizes, a = [3, 8, 1], 0.3
+    x, index = ragged_batch(sizes, 4, shuffle=True)
+    aggr = UOTAggregation(solver, num_iters=num_iters, eps=0.6, lam_p=2.0, lam_q=0.5, prior='power',
+                          mass_exponent=a, learn=False).double()
+    plan = aggr.plan(x, index)
+    for b, n in enumerate(sizes):
+        expected = pot_plan(x[index == b], 0.6, 2.0, 0.5, p=np.full(4, n ** a / 4), q=np.full(n, n ** (a - 1)))
+        np.testing.assert_allclose(plan[index == b].detach().numpy(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_power_prior_exponent_gets_the_closed_form_gradient():
+    # Mean limit: z_b = N_b^a mean_b(x), so d(sum z)/da = sum_b log(N_b) N_b^a sum_d mean_b(x)_d.
+    x, index = ragged_batch([3, 8, 1, 5], 4, shuffle=True)
+    aggr = UOTAggregation(num_iters=1, eps=INF, lam_p=INF, lam_q=INF, prior='power', mass_exponent=0.3).double()
+    aggr(x, index).sum().backward()
+    a = aggr.value('mass_exponent').detach()
+    sizes = torch.tensor([3., 8., 1., 5.], dtype=torch.float64)
+    grad_a = (sizes.log() * sizes.pow(a) * _per_set(x, index, lambda s: s.mean(0)).sum(-1)).sum()
+    expected = grad_a * a * (1 - a)  # through the sigmoid that keeps a in [0, 1]
+    torch.testing.assert_close(aggr.mass_exponent_raw.grad, expected.reshape(1), rtol=1e-12, atol=0)
+
+
+def test_power_prior_values_and_errors():
+    aggr = UOTAggregation(prior='power', mass_exponent=0.25)
+    assert 'mass_exponent_raw' in dict(aggr.named_parameters())
+    assert aggr.value('mass_exponent').item() == pytest.approx(0.25)
+    assert 'mass_exponent=0.25' in repr(aggr)
+    for end in (0.0, 1.0):  # the ends are the uniform and counting priors, and stay fixed
+        fixed = UOTAggregation(prior='power', mass_exponent=end)
+        assert 'mass_exponent_raw' not in dict(fixed.named_parameters())
+        assert fixed.value('mass_exponent').item() == end
+    for bad in (-0.1, 1.5, float('nan')):
+        with pytest.raises(ValueError, match="'mass_exponent' must lie in \\[0, 1\\]"):
+            UOTAggregation(prior='power', mass_exponent=bad)
+    assert 'mass_exponent' not in UOTAggregation().init_values  # only the power prior has it

@@ -8,7 +8,7 @@ import torch
 
 from uotp_geometric import UOTAggregation
 from uotp_geometric.functional import uot_plan
-from uotp_geometric.plot import parameter_columns, plot_parameters, plot_plan
+from uotp_geometric.plot import learned_values, plot_parameters, plot_plan
 from tests.uotp_geometric.helpers import pot_plan, ragged_batch
 
 SIZES = [3, 7, 5]
@@ -149,36 +149,52 @@ def test_parameters_of_a_per_iteration_layer():
     assert not axes['lam_p'].lines and axes['lam_p'].texts[0].get_text() == 'inf (fixed)'
 
 
-def test_parameters_over_training_from_tables():
+def test_parameters_over_training():
     epochs = [1, 2, 3, 4]
-    tables = [{'epoch': epochs, 'train_loss': [0.0] * 4, 'uot_eps': [1.0, 0.8 - f, 0.6, 0.5],
-               'uot_lam_q_0': [1, 2, 3, 4 + f], 'uot_lam_q_1': [1, 1, 1, 1], 'uot_lam_p': ['', 'inf', 'inf', 'inf'],
-               'convs.0.aggr.uot_eps': [2, 2, 3, 3]} for f in (0.0, 0.1, 0.3)]
-    axes = _axes(plot_parameters(tables))
+    runs = [{'eps': [1.0, 0.8 - f, 0.6, 0.5], 'lam_q': np.array([[1, 1], [2, 1], [3, 1], [4 + f, 1]]),
+             'lam_p': [math.nan, math.inf, math.inf, math.inf], 'convs.0.aggr.eps': [2, 2, 3, 3]}
+            for f in (0.0, 0.1, 0.3)]
+    axes = _axes(plot_parameters(runs))
     assert set(axes) == {'eps', 'lam_p', 'lam_q', 'convs.0.aggr.eps'}
     assert axes['convs.0.aggr.eps'].get_title().startswith('convs.0.aggr')
-    runs = [line for line in axes['eps'].lines if line.get_label().startswith('_')]
-    for line, table in zip(runs, tables):
+    assert axes['eps'].get_xlabel() == 'epoch'
+    lines = [line for line in axes['eps'].lines if line.get_label().startswith('_')]
+    for line, run in zip(lines, runs):
         np.testing.assert_array_equal(line.get_xdata(), epochs)
-        np.testing.assert_allclose(line.get_ydata(), table['uot_eps'])
+        np.testing.assert_allclose(line.get_ydata(), run['eps'])
     median = next(line for line in axes['eps'].lines if line.get_label() == 'median of 3')
     np.testing.assert_allclose(median.get_ydata(), [1.0, 0.7, 0.6, 0.5])
     labels = [line.get_label() for line in axes['lam_q'].lines if not line.get_label().startswith('_')]
     assert labels == ['median of 3, k = 0', 'median of 3, k = 1']
+    k0 = next(line for line in axes['lam_q'].lines if line.get_label() == 'median of 3, k = 0')
+    np.testing.assert_allclose(k0.get_ydata(), [1, 2, 3, 4.1])
     assert axes['lam_p'].texts[0].get_text() == 'inf (fixed)'
 
 
-def test_a_table_without_uot_columns_is_an_error():
-    with pytest.raises(ValueError, match='no UOT parameter columns'):
-        plot_parameters({'epoch': [1, 2], 'train_loss': [0.5, 0.4]})
+def test_parameters_at_given_steps():
+    fig = plot_parameters({'mass_exponent': [0.5, 0.6, 0.7]}, steps=[10, 20, 30], xlabel='step')
+    ax = _axes(fig)['mass_exponent']
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [10, 20, 30])
+    assert ax.get_xlabel() == 'step' and ax.get_title() == 'a (mass_exponent)'
 
 
-def test_parameter_columns():
-    columns = ['epoch', 'uot_eps', 'uot_lam_p', 'uot_lam_q_0', 'uot_lam_q_10', 'readout.uot_rho_1',
-               'convs.0.aggr.uot_gw', 'uot_readout_eps', 'uot_other', 'lam_q']
-    assert parameter_columns(columns) == {
-        ('', 'eps'): {None: 'uot_eps'}, ('', 'lam_p'): {None: 'uot_lam_p'},
-        ('', 'lam_q'): {0: 'uot_lam_q_0', 10: 'uot_lam_q_10'}, ('readout', 'rho'): {1: 'readout.uot_rho_1'},
-        ('convs.0.aggr', 'gw'): {None: 'convs.0.aggr.uot_gw'}, ('readout', 'eps'): {None: 'uot_readout_eps'},
-        ('', 'other'): {None: 'uot_other'},
-    }
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(source={}), 'at least one recorded value'),
+    (dict(source={'eps': [1.0, 2.0]}, steps=[1, 2, 3]), "'steps' has 3 entries"),
+    (dict(source={'eps': np.zeros((2, 2, 2))}), r"shape \(num_steps,\)"),
+])
+def test_bad_parameter_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plot_parameters(**kwargs)
+
+
+def test_learned_values_are_the_layers_values():
+    layer = UOTAggregation(solver='badmm', num_iters=3, eps=0.5, lam_q=2.0, per_iteration=True,
+                           prior='power', mass_exponent=0.25)
+    with torch.no_grad():
+        layer.eps_raw.copy_(torch.tensor([0.1, -2.0, 3.0]))
+    values = learned_values(layer)
+    assert list(values) == ['eps', 'lam_p', 'lam_q', 'rho', 'mass_exponent']
+    np.testing.assert_allclose(values['eps'], [math.log1p(math.exp(v)) for v in (0.1, -2.0, 3.0)], rtol=1e-6)
+    assert values['lam_q'] == pytest.approx([2.0] * 3) and values['mass_exponent'] == pytest.approx([0.25])
+    assert values['lam_p'] == [math.inf] * 3  # fixed: a hard marginal

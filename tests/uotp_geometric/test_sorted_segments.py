@@ -3,7 +3,7 @@ r"""The sorted-segment path that accelerators take (rows grouped by set, reducti
 import pytest
 import torch
 
-from uotp_geometric.functional import _run_solver, _unpermute, uot_pool
+from uotp_geometric.functional import SolverOptions, _uot, uot_pool
 from tests.uotp_geometric.helpers import ragged_batch
 from tests.uotp_geometric.solvers.test_badmm_q import dense_badmm_q
 from tests.uotp_geometric.solvers.test_rot import _priors, dense_badmm, dense_proximal_sinkhorn, weight
@@ -36,9 +36,13 @@ def dense_reference(solver, x, p, q, eps, gw):
 
 
 def _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool):
-    return _run_solver(x, index, len(SIZES), solver, eps, VALUES['lam_p'], VALUES['lam_q'], VALUES['rho'],
-                       NUM_ITERS, p, q, None, memory_efficient, gw, VALUES['prox'], VALUES['inner_iters'],
-                       pool=pool, sort_rows=True)
+    options = SolverOptions(solver=solver, num_iters=NUM_ITERS, eps=eps, gw=gw, memory_efficient=memory_efficient,
+                            **VALUES)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = _uot(x, index, len(SIZES), options, p, q, None, pool=pool, sort_rows=True)
+    # The path under test was taken: the reductions ran as segment reductions.
+    assert any(event.name == 'aten::segment_reduce' for event in prof.events())
+    return out
 
 
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm', 'badmm_q'])
@@ -49,10 +53,8 @@ def test_sorted_segments_match_dense_reference(solver, gw, memory_efficient):
     p, q = _priors(index, 4, uniform=False)
     # One eps per iteration: Sinkhorn runs in the log domain, as it does on accelerators.
     eps = torch.linspace(0.7, 1.2, NUM_ITERS, dtype=x.dtype)
-    log_plan, _, segments, perm = _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool=False)
-    assert segments.ptr is not None and perm is not None  # the path under test was taken
-    plan = _unpermute(log_plan, perm).exp()
-    pooled = _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool=True)[0]
+    plan = _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool=False)
+    pooled = _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool=True)
     for b, size in enumerate(SIZES):
         rows = index == b
         if size == 0:
@@ -75,7 +77,7 @@ def test_sorted_segments_gradients_equal_autograd(solver, gw):
     for sorted_rows in (True, False):
         leaves = [t.clone().requires_grad_(True) for t in (x, eps, p, q)]
         if sorted_rows:
-            out = _solve_sorted(leaves[0], index, solver, leaves[1], gw, leaves[2], leaves[3], True, pool=True)[0]
+            out = _solve_sorted(leaves[0], index, solver, leaves[1], gw, leaves[2], leaves[3], True, pool=True)
         else:
             out = uot_pool(leaves[0], index, len(SIZES), solver=solver, eps=leaves[1], gw=gw, p=leaves[2],
                            q=leaves[3], num_iters=NUM_ITERS, memory_efficient=False, **VALUES)

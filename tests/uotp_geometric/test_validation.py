@@ -86,3 +86,16 @@ def test_nan_input_is_an_error_in_debug_mode():
     with torch_geometric.debug():
         with pytest.raises(ValueError, match="'x' holds NaN"):
             uot_pool(x, torch.tensor([0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(eps=0.0), dict(solver='badmm', rho=-1.0), dict(lam_q=[1.0, -1.0, 1.0, 1.0]),
+    dict(eps=[1.0, 2.0]), dict(gw=INF), dict(inner_iters=0), dict(solver='ipot'),
+])
+def test_layer_and_functional_refuse_alike(kwargs):
+    # One set of checks (SolverOptions.validate) serves both forms: the same message.
+    with pytest.raises(ValueError) as layer_error:
+        UOTAggregation(**kwargs)
+    with pytest.raises(ValueError) as functional_error:
+        uot_pool(torch.randn(3, 2), torch.tensor([0, 0, 1]), **kwargs)
+    assert str(layer_error.value) == str(functional_error.value)

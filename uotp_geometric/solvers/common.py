@@ -1,3 +1,5 @@
+r"""What the solvers share: the cap on a plan's log-mass, the weight of a soft marginal
+(:func:`hardness`), and pooling from a plan (:func:`pool_log_plan`)."""
 import torch
 from torch import Tensor
 
