@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from experiments.models import UOT_POOLINGS, UOTOptions, make_readout, run_label
+from experiments.models import UOT_POOLINGS, UOT_SOLVERS, UOTOptions, make_readout, run_label
 
 
 @dataclass
@@ -105,7 +105,7 @@ def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command
     chosen, average, gap = None, {}, {}
     if variants and not incomplete:
         candidates = variants
-        cost = {label: (label.startswith(("uot_badmm", "rot_badmm")), learned_values(label, configs[label]))
+        cost = {label: (UOT_SOLVERS[label.split("[")[0]] != "sinkhorn", learned_values(label, configs[label]))
                 for label in candidates}
         chosen, average, gap = choose(candidates, cells, cost)
 

@@ -14,7 +14,7 @@ from torch_geometric.nn import GINConv, GINEConv, MLP, aggr, global_add_pool
 from uotp_geometric import UOTAggregation
 
 POOLINGS = ("add", "mean", "max", "mixed", "softmax", "gem", "attention", "gated_attention", "set2set",
-            "deepsets", "gmt", "uot", "uot_badmm", "rot", "rot_badmm")
+            "deepsets", "gmt", "uot", "uot_badmm", "uot_badmm_q", "rot", "rot_badmm")
 
 
 class MixedAggregation(aggr.Aggregation):
@@ -52,7 +52,7 @@ class GatedAttentionGate(torch.nn.Module):
 
 @dataclass
 class UOTOptions:
-    """What the UOT poolings (``uot``, ``uot_badmm``, ``rot``, ``rot_badmm``) compute: every option of
+    """What the UOT poolings (:data:`UOT_POOLINGS`) compute: every option of
     :class:`~uotp_geometric.UOTAggregation` that the harness sets. The run configs inherit these fields, so each
     is a ``--<field>`` flag of ``experiments.train`` and ``experiments.adgcl`` and is recorded in ``results.json``.
     """
@@ -65,7 +65,7 @@ class UOTOptions:
     uot_eps: float = 1.0
     uot_lam_p: float = float("inf")
     uot_lam_q: float = 1.0
-    uot_rho: float = 1.0  # the initial BADMM step (uot_badmm, rot_badmm)
+    uot_rho: float = 1.0  # the initial BADMM step (uot_badmm, uot_badmm_q, rot_badmm)
     uot_mass_exponent: float = 0.5  # prior power: the initial exponent a in [0, 1] of the plan mass N^a
     uot_gw: float = 0.1  # rot, rot_badmm: the initial weight of ROT-Pooling's structure term
 
@@ -89,7 +89,10 @@ class UOTOptions:
             raise ValueError(message) from None
 
 
-UOT_POOLINGS = ("uot", "uot_badmm", "rot", "rot_badmm")
+# The UOT poolings and their solvers; rot* add ROT-Pooling's structure term.
+UOT_SOLVERS = {"uot": "sinkhorn", "uot_badmm": "badmm", "uot_badmm_q": "badmm_q", "rot": "sinkhorn",
+               "rot_badmm": "badmm"}
+UOT_POOLINGS = tuple(UOT_SOLVERS)
 # What runs computed before these options existed: a results.json without the key had this value.
 _BEFORE_OPTIONS = dict(uot_prior="uniform", uot_per_iteration=False, uot_rho=1.0, uot_mass_exponent=0.5)
 
@@ -101,7 +104,7 @@ def run_label(pooling: str, config: dict[str, Any]) -> str:
     if pooling not in UOT_POOLINGS:
         return pooling
     values = {**asdict(UOTOptions()), **_BEFORE_OPTIONS, **config}
-    skip = {"uot_rho"} if not pooling.endswith("badmm") else set()
+    skip = {"uot_rho"} if UOT_SOLVERS[pooling] == "sinkhorn" else set()
     skip |= {"uot_gw"} if not pooling.startswith("rot") else set()
     skip |= {"uot_mass_exponent"} if values["uot_prior"] != "power" else set()
     shown = {f.name: values[f.name] for f in fields(UOTOptions)
@@ -132,7 +135,7 @@ def parse_label(label: str) -> tuple[str, UOTOptions]:
 
 def _uot_layer(name: str, channels: int, options: UOTOptions) -> UOTAggregation:
     extra = dict(mass_exponent=options.uot_mass_exponent) if options.uot_prior == "power" else {}
-    return UOTAggregation(solver="badmm" if name.endswith("badmm") else "sinkhorn", num_iters=options.num_iters,
+    return UOTAggregation(solver=UOT_SOLVERS[name], num_iters=options.num_iters,
                           eps=options.uot_eps, lam_p=options.uot_lam_p, lam_q=options.uot_lam_q,
                           rho=options.uot_rho, gw=options.uot_gw if name.startswith("rot") else 0.0,
                           per_iteration=options.uot_per_iteration, prior=options.uot_prior,
@@ -144,9 +147,9 @@ def make_readout(name: str, channels: int,
     """The graph readout called ``name`` for ``channels``-wide node features, and its output width.
 
     This is the one place a pooling is chosen by name, so that every pooling is trained the same way. ``uot``
-    sets what ``uot`` (Sinkhorn) and ``uot_badmm`` (BADMM) compute (:class:`UOTOptions`, its defaults when
-    ``None``); ``rot`` and ``rot_badmm`` are the same with ROT-Pooling's structure term, its weight learned
-    from ``uot_gw``.
+    sets what ``uot`` (Sinkhorn), ``uot_badmm`` (BADMM) and ``uot_badmm_q`` (BADMM-Q, whose ``uot_eps`` weighs a
+    quadratic instead of the entropy) compute (:class:`UOTOptions`, its defaults when ``None``); ``rot`` and
+    ``rot_badmm`` are the same with ROT-Pooling's structure term, its weight learned from ``uot_gw``.
     """
     out_channels = channels
     if name == "add":

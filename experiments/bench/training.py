@@ -17,11 +17,8 @@ from torch_geometric import seed_everything
 from torch_geometric.loader import DataLoader
 
 from experiments.config import parse_config
-from experiments.models import parse_label
+from experiments.models import UOT_SOLVERS, parse_label
 from experiments.train import TUTask, train_epoch
-
-
-SOLVER_OF = {"uot": "sinkhorn", "rot": "sinkhorn", "uot_badmm": "badmm", "rot_badmm": "badmm"}
 
 
 @dataclass
@@ -73,8 +70,8 @@ def measure_training(plan: TrainingPlan) -> list[dict[str, Any]]:
         name, options = parse_label(pooling)
         rows.append(dict(section="training", config=f"GIN {config.num_layers}x{config.hidden} on {config.dataset}, "
                                                     f"batch {config.batch_size}, {plan.threads} thread(s)",
-                         method=pooling, solver=SOLVER_OF.get(name, ""),
-                         K=options.num_iters if name in SOLVER_OF else 0, N=len(train_idx),
+                         method=pooling, solver=UOT_SOLVERS.get(name, ""),
+                         K=options.num_iters if name in UOT_SOLVERS else 0, N=len(train_idx),
                          epoch_s=float(np.median(times)), baseline=plan.poolings[0],
                          epoch_ratio=float(np.median(ratios)),
                          note=f"ratio {ratios.min():.3g} to {ratios.max():.3g} over {plan.epochs} epochs (after "

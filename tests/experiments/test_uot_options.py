@@ -49,6 +49,7 @@ def test_the_layer_computes_what_the_options_say():
     for name, value in expected.items():
         torch.testing.assert_close(layer.value(name), torch.full((3,), value), rtol=1e-6, atol=0)
     assert layer.value("mass_exponent").item() == pytest.approx(0.25)
+    assert make_readout("uot_badmm_q", 8, options)[0].solver == "badmm_q"
     attention, _ = make_readout("uot", 8, UOTOptions(uot_prior="attention"))
     assert attention.gate.in_features == 8 and not attention.per_iteration
 
