@@ -135,6 +135,7 @@ class Plan:
     memory_batches: Sequence[Batch]
     memory_target: Batch = Batch(2000, 100, "uniform")  # N = 200k
     memory_iters: Sequence[int] = (4, 32)
+    memory_solvers: Sequence[str] = (*SOLVERS, "badmm_q")  # the memory target's solvers
     solvers: Sequence[str] = SOLVERS
     compile_solvers: Sequence[str] = ("sinkhorn",)
     padded_max_elements: float = 2e8  # B * M * D * K above which padding is skipped (its memory)

@@ -104,7 +104,7 @@ def measure_memory_target(plan: Plan, device: torch.device, threads: int) -> lis
     rows: dict[tuple[Method, str], dict[str, Any]] = {}
     allocators = CPU_ALLOCATORS if device.type == "cpu" else ("cuda caching allocator",)
     for allocator in allocators:
-        for method in uot_methods(plan.solvers, sorted(plan.memory_iters)):
+        for method in uot_methods(plan.memory_solvers, sorted(plan.memory_iters)):
             base = rows.get((replace(method, num_iters=k_base), allocator), {})
             row = rows[method, allocator] = dict(_row("memory", batch, method), allocator=allocator)
             row["baseline"] = base.get("method", method.label)

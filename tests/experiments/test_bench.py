@@ -81,7 +81,7 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     plan = bench.Plan(repeats=2, warmup=1, batches=[tiny, bench.Batch(6, 5, "uniform")], num_iters=(2,),
                       nodes=(40, 80), dims=(8, 16), iters=(1, 2), memory_batches=[],
                       memory_target=bench.Batch(20, 500, "uniform"), memory_iters=(1, 2),
-                      solvers=("sinkhorn",), compile_solvers=(), curve_batch=tiny,
+                      memory_solvers=("sinkhorn",), solvers=("sinkhorn",), compile_solvers=(), curve_batch=tiny,
                       compile_batches=[tiny])
     df = bench.run(plan, torch.device("cpu"), threads=one_thread)
     info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
