@@ -61,7 +61,7 @@ def scores(run: Path, seeds: Sequence[int]) -> Scores:
     return Scores(label, f"{result['dataset']} {protocol}", float(np.mean(val)), float(np.mean(test)), len(units))
 
 
-def learned_values(label: str, config: dict[str, Any]) -> int:
+def learned_count(label: str, config: dict[str, Any]) -> int:
     """How many values the readout learns (a tie-break of the rule)."""
     options = {k: v for k, v in config.items() if k in UOTOptions.__dataclass_fields__}
     readout, _ = make_readout(label.split("[")[0], 64, UOTOptions(**options))
@@ -105,7 +105,7 @@ def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command
     chosen, average, gap = None, {}, {}
     if variants and not incomplete:
         candidates = variants
-        cost = {label: (UOT_SOLVERS[label.split("[")[0]] != "sinkhorn", learned_values(label, configs[label]))
+        cost = {label: (UOT_SOLVERS[label.split("[")[0]] != "sinkhorn", learned_count(label, configs[label]))
                 for label in candidates}
         chosen, average, gap = choose(candidates, cells, cost)
 
