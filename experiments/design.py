@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from experiments.models import UOT_POOLINGS, UOT_SOLVERS, UOTOptions, make_readout, run_label
+from experiments.models import UOT_POOLINGS, UOT_SOLVERS, make_readout, parse_label, run_label
 
 
 @dataclass
@@ -61,10 +61,10 @@ def scores(run: Path, seeds: Sequence[int]) -> Scores:
     return Scores(label, f"{result['dataset']} {protocol}", float(np.mean(val)), float(np.mean(test)), len(units))
 
 
-def learned_count(label: str, config: dict[str, Any]) -> int:
-    """How many values the readout learns (a tie-break of the rule)."""
-    options = {k: v for k, v in config.items() if k in UOTOptions.__dataclass_fields__}
-    readout, _ = make_readout(label.split("[")[0], 64, UOTOptions(**options))
+def learned_count(label: str) -> int:
+    """How many values the readout a run label names learns (a tie-break of the rule)."""
+    name, options = parse_label(label)
+    readout, _ = make_readout(name, 64, options)
     return sum(p.numel() for p in readout.parameters())
 
 
@@ -97,7 +97,7 @@ def _rows(scores_: list[Scores], field: str) -> dict[str, dict[str, float]]:
     return table
 
 
-def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command: str) -> str:
+def report(all_scores: list[Scores], command: str) -> str:
     cells = sorted({s.cell for s in all_scores})
     val, test = _rows(all_scores, "val"), _rows(all_scores, "test")
     variants = {label: row for label, row in val.items() if label.split("[")[0] in UOT_POOLINGS}
@@ -105,7 +105,7 @@ def report(all_scores: list[Scores], configs: dict[str, dict[str, Any]], command
     chosen, average, gap = None, {}, {}
     if variants and not incomplete:
         candidates = variants
-        cost = {label: (UOT_SOLVERS[label.split("[")[0]] != "sinkhorn", learned_count(label, configs[label]))
+        cost = {label: (UOT_SOLVERS[label.split("[")[0]] != "sinkhorn", learned_count(label))
                 for label in candidates}
         chosen, average, gap = choose(candidates, cells, cost)
 
@@ -156,12 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     runs = find_runs(args.runs, args.datasets)
     all_scores = [scores(run, args.seeds) for run in runs]
-    configs = {}
-    for run, s in zip(runs, all_scores):
-        configs[s.label] = json.loads((run / "results.json").read_text())["config"]
     command = "python -m experiments.design " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "design.md").write_text(report(all_scores, configs, command))
+    (args.out / "design.md").write_text(report(all_scores, command))
     print(f"wrote {args.out / 'design.md'}")
 
 
