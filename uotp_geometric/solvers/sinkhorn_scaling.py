@@ -135,15 +135,19 @@ def _scaling_iterations(x: Tensor, segments: Segments, scale: Tensor, c_p: Tenso
     kernel.sub_(shift_n.unsqueeze(-1)).exp_()
     v = torch.zeros_like(log_q)
     sums = []
+    # One (N, D) buffer for every product: a fresh one per iteration, freed between the small sums kept
+    # for the backward, fragments glibc's heap (gigabytes at K = 32 under the default allocator).
+    scratch = torch.empty_like(kernel)
     for k in range(c_p.numel()):
         # u: weights on the nodes, summed over each set's nodes per dim.
         col_shift = segment_max(shift_n + v, segments)
         col_weight = _col_weight(shift_n, v, col_shift, segments)
-        col_sum = segment_sum(kernel * col_weight.unsqueeze(-1), segments)
+        col_sum = segment_sum(torch.mul(kernel, col_weight.unsqueeze(-1), out=scratch), segments)
         u = c_p[k] * (log_p - _lse_u(shift_x, col_shift, col_sum))
         # v: weights on the dims, summed over each node's dims.
         row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
-        row_sum = (kernel * segments.gather(_row_weight(shift_x, u, row_shift))).sum(dim=-1)
+        row_weight = _row_weight(shift_x, u, row_shift)
+        row_sum = torch.index_select(row_weight, 0, segments.index, out=scratch).mul_(kernel).sum(dim=-1)
         v = c_q[k] * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
         sums += [col_sum, row_sum, col_shift, row_shift]
     return u, v, kernel, (shift_x, shift_n), sums
@@ -173,6 +177,9 @@ def _scaling_backward(segments: Segments, kernel: Tensor, shifts: Tuple[Tensor, 
     grad_c_p, grad_c_q = torch.zeros_like(c_p), torch.zeros_like(c_q)
     grad_log_p, grad_log_q = torch.zeros_like(log_p), torch.zeros_like(log_q)
     tiny = torch.finfo(kernel.dtype).tiny
+    # The (N, D) products in two buffers allocated once, for the reason _scaling_iterations gives; one
+    # allocation of both is large enough for glibc to map it apart from its heap.
+    node, gathered = torch.empty((2, *kernel.shape), dtype=kernel.dtype, device=kernel.device).unbind(0)
     for k in reversed(range(c_p.numel())):
         col_sum, row_sum, col_shift, row_shift = sums[4 * k:4 * k + 4]
         # The same operations as the forward, on (B, D) and (N,) values only.
@@ -189,13 +196,13 @@ def _scaling_backward(segments: Segments, kernel: Tensor, shifts: Tuple[Tensor, 
         # v = c_q (log q - LSE_d B): dv/dB = -c_q E_nd y_bd / R_n.
         grad_c_q[k] = torch.dot(gv, log_q - lse_v)
         grad_log_q.add_(c_q[k] * gv)
-        node = kernel * (gv / row_sum).unsqueeze(-1)
+        torch.mul(kernel, (gv / row_sum).unsqueeze(-1), out=node)
         gu = gu - c_q[k] * row_weight * segment_sum(node, segments)
-        grad_logits.addcmul_(node, segments.gather(-c_q[k] * row_weight))
+        grad_logits.addcmul_(node, torch.index_select(-c_q[k] * row_weight, 0, segments.index, out=gathered))
         # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
         grad_c_p[k] = (gu * (log_p - lse_u)).sum()
         grad_log_p.add_(c_p[k] * gu)
-        dim = kernel * segments.gather(gu / col_sum.clamp_min(tiny))
+        dim = torch.index_select(gu / col_sum.clamp_min(tiny), 0, segments.index, out=node).mul_(kernel)
         gv = -c_p[k] * col_weight * dim.sum(dim=-1)  # gradient of the previous v
         grad_logits.addcmul_(dim, (-c_p[k] * col_weight).unsqueeze(-1))
         gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
