@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from experiments.bench import __doc__ as DOC
+from experiments.bench.authors import AUTHORS_REPO, AuthorsCodeError, AuthorsPlan, check_checkout
 from experiments.bench.cases import make_plan
 from experiments.bench.report import machine_info, write_outputs
 from experiments.bench.suite import run
@@ -24,6 +25,13 @@ def _pooling(label: str) -> str:
     except (ValueError, TypeError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return label
+
+
+def _checkout(path: str) -> Path:
+    try:
+        return check_checkout(path)
+    except AuthorsCodeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -43,6 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         f"ratios (default: {' '.join(TrainingPlan.poolings)}; any of {', '.join(POOLINGS)}, or a "
                         "UOT variant as the design tables name it, such as 'uot[prior=power]')")
     parser.add_argument("--root", default=TrainingPlan.root, help="TUDataset root for --training (read only)")
+    parser.add_argument("--authors-code", type=_checkout, metavar="DIR",
+                        help=f"a checkout of {AUTHORS_REPO}: also time the authors' UOTPooling (BADMM-E, Sinkhorn) "
+                        "against ours, imported from DIR (their code is not part of this repository)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -53,6 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.training:
         plan.training = TrainingPlan(root=args.root, epochs=args.training_epochs,
                                      poolings=tuple(args.training_poolings))
+    if args.authors_code:
+        plan.authors = AuthorsPlan(str(args.authors_code))
     command = shlex.join(["python", "-m", "experiments.bench", *(sys.argv[1:] if argv is None else argv)])
     load_before = os.getloadavg()[0]
     df = run(plan, device, args.threads)

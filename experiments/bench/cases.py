@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from torch_geometric.nn import aggr as pyg_aggr
 from experiments.bench.padded import PaddedUOT
 from experiments.bench.training import TrainingPlan
 from uotp_geometric import UOTAggregation
+
+if TYPE_CHECKING:
+    from experiments.bench.authors import AuthorsPlan
 
 # The memory-lean backward is selected by this keyword where the installed package has it.
 HAS_MEMORY_EFFICIENT = "memory_efficient" in inspect.signature(UOTAggregation).parameters
@@ -144,6 +147,7 @@ class Plan:
     training: Optional[TrainingPlan] = None  # seconds per epoch of a GNN with each pooling, if given
     structure_gw: float = 0.1  # gw of the structure-term section, against gw = 0 on the same batches
     structure_batches: Sequence[Batch] = ()
+    authors: Optional[AuthorsPlan] = None  # the authors' layers beside ours (--authors-code), if given
 
 
 def make_plan(quick: bool) -> Plan:

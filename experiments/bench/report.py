@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 import torch_geometric
 
+from experiments.bench import authors
 from experiments.bench.cases import DEFAULT_MODE, HAS_MEMORY_EFFICIENT, LOGNORMAL_SIGMA, SKEWED, SOLVERS, Method, Plan
 
 matplotlib.use("Agg")  # files only; no display needed
@@ -108,6 +109,7 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
                 rows.append((f"ours ({solver} K=4, torch.compile) / SoftmaxAggregation(learn=True) eager, fwd+bwd, "
                              f"{batch.name}", row.fwdbwd_ratio,
                              f"{row.fwdbwd_ratio_min:.3g} to {row.fwdbwd_ratio_max:.3g}", "<= 3 (4)"))
+    rows += authors.headline_rows(df)
     rows += _memory_headline(df[df.section == "memory"])
     training = df[df.section == "training"]
     for row in training[training.method.isin(list(TRAINING_TARGETS))].itertuples():
@@ -204,6 +206,7 @@ def write_outputs(df: pd.DataFrame, out: Path, info: dict[str, str], plan: Plan)
         first = group.iloc[0]
         parts += [f"### {config}: N={first.N}, largest set {first.max_set} (padding stores "
                   f"{first.B * first.max_set / first.N:.1f}x the nodes)", _section_table(group)]
+    parts += authors.section_parts(df, _section_table, plan.authors)
     memory = df[df.section == "memory"]
     if len(memory):
         parts += [f"## Memory: {memory.config.iloc[0]}, N={memory.N.iloc[0]}",

@@ -164,6 +164,9 @@ def run(plan: Plan, device: torch.device, threads: int) -> pd.DataFrame:
     for batch in plan.structure_batches:
         _log(f"structure term: gw={plan.structure_gw:g} against gw=0, {batch.name}")
         rows += measure_group("structure", batch, structure, device, plan, threads)
+    for batch in plan.authors.batches if plan.authors is not None else ():
+        _log(f"the authors' layers against ours, {batch.name}")
+        rows += measure_group("authors", batch, plan.authors.methods(), device, plan, threads)
     if plan.training is not None:
         _log(f"training epochs: {', '.join(plan.training.poolings)}")
         rows += measure_training(plan.training)
