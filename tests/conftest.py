@@ -17,6 +17,8 @@ SLOW_TESTS = frozenset({  # node ids without their parameters
     "tests/uotp_geometric/test_numerics.py::test_fuzz",
     "tests/uotp_geometric/solvers/test_badmm_q.py::test_converges_to_pot",  # 2000 iterations and POT's L-BFGS-B
     "tests/uotp_geometric/solvers/test_badmm_q.py::test_fuzz_stays_finite",
+    # compiles BADMM's, BADMM-Q's and log-domain Sinkhorn's kernels (up to half a minute each, cold)
+    "tests/uotp_geometric/test_compile.py::test_compiled_badmm_and_log_domain_match_eager",
 })
 
 

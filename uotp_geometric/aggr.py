@@ -142,6 +142,12 @@ class UOTAggregation(Aggregation):
             :obj:`num_iters` outer steps each take a structure step. (default: ``4``)
         mass_exponent (float): Initial exponent :math:`a \in [0, 1]` of ``prior="power"``, learned
             through a sigmoid when :obj:`learn` (``0`` and ``1`` stay fixed). (default: ``0.5``)
+        compile (bool): If :obj:`True`, the solver's iterations (and their adjoints in the lean
+            backward) run as kernels compiled by :func:`torch.compile` with dynamic shapes, the layer
+            itself staying eager; the first call compiles them (tens of seconds on a CPU), later calls
+            of any batch size reuse them. On the CPU this pays only for small batches (see
+            :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``); the structure term
+            of BADMM and :obj:`memory_efficient` ``=False`` stay eager. (default: :obj:`False`)
 
     Examples:
         >>> import torch
@@ -185,6 +191,7 @@ class UOTAggregation(Aggregation):
         prox: Value = 1.0,
         inner_iters: int = 4,
         mass_exponent: float = 0.5,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         values = dict(eps=eps, lam_p=lam_p, lam_q=lam_q)
@@ -196,7 +203,7 @@ class UOTAggregation(Aggregation):
             if solver == 'sinkhorn':
                 values['prox'] = prox
         SolverOptions(solver=solver, num_iters=num_iters, inner_iters=inner_iters,
-                      memory_efficient=memory_efficient, **values).validate()
+                      memory_efficient=memory_efficient, compile=compile, **values).validate()
         if prior not in PRIORS:
             raise ValueError(f"Unknown prior '{prior}' (expected one of "
                              f"{list(PRIORS)})")
@@ -209,6 +216,7 @@ class UOTAggregation(Aggregation):
         self.prior = prior
         self.channels = channels
         self.memory_efficient = memory_efficient
+        self.compile = compile
         self.inner_iters = inner_iters
         self.init_values = {name: _initial(value) for name, value in values.items()}
         # A value given per iteration makes every value per iteration.
@@ -369,7 +377,7 @@ class UOTAggregation(Aggregation):
     def _solver_kwargs(self) -> Dict[str, Any]:
         kwargs: Dict[str, Any] = dict(
             solver=self.solver, num_iters=self.num_iters, memory_efficient=self.memory_efficient,
-            inner_iters=self.inner_iters)
+            inner_iters=self.inner_iters, compile=self.compile)
         kwargs.update({name: self.value(name) for name in self.init_values
                        if name != 'mass_exponent'})
         return kwargs
@@ -379,7 +387,8 @@ class UOTAggregation(Aggregation):
         if 'prox' in self.init_values:
             values += f', inner_iters={self.inner_iters}'
         gate = f', channels={self.channels}' if self.gate is not None else ''
+        compiled = ', compile=True' if self.compile else ''
         return (f'{self.__class__.__name__}(solver={self.solver}, '
                 f'num_iters={self.num_iters}, {values}, learn={self.learn}, '
                 f'per_iteration={self.per_iteration}, prior={self.prior}'
-                f'{gate})')
+                f'{gate}{compiled})')

@@ -72,6 +72,7 @@ class SolverOptions:
     prox: Value = 1.0
     inner_iters: int = 4
     memory_efficient: bool = True
+    compile: bool = False
 
     def validate(self) -> 'SolverOptions':
         r"""Raises a :class:`ValueError` that names the first bad option; returns the options. The
@@ -82,6 +83,8 @@ class SolverOptions:
             count = getattr(self, name)
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"'{name}' must be an integer >= 1 (got {count!r})")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"'compile' must be a bool (got {self.compile!r})")
         for name in VALUES:
             self._check_value(name)
         return self
@@ -246,19 +249,21 @@ def _solve(x: Tensor, segments: Segments, options: SolverOptions, log_p: Tensor,
 
     eps, lam_p, lam_q = value('eps'), value('lam_p'), value('lam_q')
     memory_efficient, structured = options.memory_efficient, options.has_structure()
+    # Compiled kernels where asked, but not inside a graph that torch.compile traces as a whole.
+    compile = options.compile and not torch.compiler.is_compiling()
     if options.solver == 'sinkhorn' and structured:
         log_plan = rot_sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, value('gw'), value('prox'),
-                                         log_p, log_q, options.inner_iters, memory_efficient)
+                                         log_p, log_q, options.inner_iters, memory_efficient, compile)
     elif options.solver == 'sinkhorn' and pool:  # pooled without forming the plan where it can
-        return sinkhorn_pool(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
+        return sinkhorn_pool(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient, compile)
     elif options.solver == 'sinkhorn':
-        log_plan = sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient)
-    elif structured:
+        log_plan = sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient, compile)
+    elif structured:  # the structure term's BADMM stays eager (BADMMProblem.compiled)
         log_plan = rot_badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), value('gw'),
                                       log_p, log_q, memory_efficient, quadratic=options.solver == 'badmm_q')
     else:  # pooled from the solver's last plan where asked: the pooling's backward is part of its adjoint
         return badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), log_p, log_q, memory_efficient,
-                              quadratic=options.solver == 'badmm_q', pool=pool)
+                              quadratic=options.solver == 'badmm_q', pool=pool, compile=compile)
     return pool_log_plan(x, log_plan, segments) if pool else log_plan
 
 
@@ -280,6 +285,7 @@ def uot_plan(
     gw: Value = 0.0,
     prox: Value = 1.0,
     inner_iters: int = 4,
+    compile: bool = False,
 ) -> Tensor:
     r"""The UOT plan :math:`T` of every set, stacked as the rows of ``x``.
 
@@ -323,6 +329,18 @@ def uot_plan(
             with ``gw`` and Sinkhorn).
         inner_iters (int): Sinkhorn iterations ``J`` per outer step of proximal Sinkhorn (used only
             with ``gw``).
+        compile (bool): If :obj:`True`, each solver iteration, and in the lean backward
+            (:obj:`memory_efficient`) each iteration's recomputation and adjoint, runs as a kernel compiled
+            by :func:`torch.compile` (``fullgraph=True, dynamic=True``; the solvers'
+            :class:`~torch.autograd.Function` s stay eager): fused passes over the ``(N, D)`` data in
+            place of dozens of operations each. The first call compiles (tens of seconds on a CPU, a
+            few graphs per solver, cached for the process and by the compiler on disk); later calls
+            reuse the graphs whatever ``N``, ``B`` and ``D`` (a few size thresholds of the compiler may
+            add one graph). On the CPU it saves the per-operation overhead of small batches and does
+            not pay at large ones, where the fused kernels recompute exponentials that the eager
+            iterations keep (``docs/solvers.md``). Plain autograd (``memory_efficient=False`` with
+            gradients) and BADMM's structure term (``gw``) stay eager, and inside a graph that
+            :func:`torch.compile` traces as a whole the option does nothing.
 
     Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a tensor of
     shape ``(K,)`` (one value per iteration), and may require grad.
@@ -355,7 +373,7 @@ def uot_plan(
     """
     options = SolverOptions(solver=solver, num_iters=num_iters, eps=eps, lam_p=lam_p, lam_q=lam_q,
                             rho=rho, gw=gw, prox=prox, inner_iters=inner_iters,
-                            memory_efficient=memory_efficient)
+                            memory_efficient=memory_efficient, compile=compile)
     return _uot(x, index, dim_size, options, p, q, log_q, pool=False)
 
 
@@ -377,6 +395,7 @@ def uot_pool(
     gw: Value = 0.0,
     prox: Value = 1.0,
     inner_iters: int = 4,
+    compile: bool = False,
 ) -> Tensor:
     r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, with the plan
     :math:`T` of :func:`uot_plan`.
@@ -405,7 +424,7 @@ def uot_pool(
     """
     options = SolverOptions(solver=solver, num_iters=num_iters, eps=eps, lam_p=lam_p, lam_q=lam_q,
                             rho=rho, gw=gw, prox=prox, inner_iters=inner_iters,
-                            memory_efficient=memory_efficient)
+                            memory_efficient=memory_efficient, compile=compile)
     return _uot(x, index, dim_size, options, p, q, log_q, pool=True)
 
 

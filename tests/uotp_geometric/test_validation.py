@@ -21,6 +21,7 @@ INF = float('inf')
     (dict(solver='ipot'), "Unknown solver 'ipot'"),
     (dict(prior='gaussian'), "Unknown prior 'gaussian'"),
     (dict(prior='attention'), "needs 'channels'"),
+    (dict(compile='yes'), "'compile' must be a bool"),
 ])
 def test_constructor_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -90,7 +91,7 @@ def test_nan_input_is_an_error_in_debug_mode():
 
 @pytest.mark.parametrize('kwargs', [
     dict(eps=0.0), dict(solver='badmm', rho=-1.0), dict(lam_q=[1.0, -1.0, 1.0, 1.0]),
-    dict(eps=[1.0, 2.0]), dict(gw=INF), dict(inner_iters=0), dict(solver='ipot'),
+    dict(eps=[1.0, 2.0]), dict(gw=INF), dict(inner_iters=0), dict(solver='ipot'), dict(compile=1),
 ])
 def test_layer_and_functional_refuse_alike(kwargs):
     # One set of checks (SolverOptions.validate) serves both forms: the same message.

@@ -38,6 +38,7 @@ def rot_sinkhorn_log_plan(
     log_q: Tensor,
     inner_iters: int = 4,
     memory_efficient: bool = True,
+    compile: bool = False,
 ) -> Tensor:
     r"""Solves, for every set of the batch, the ROT problem of this module by proximal Sinkhorn:
     ``K = eps.numel()`` outer steps from :math:`T_0 = q p^\top`, each
@@ -55,14 +56,15 @@ def rot_sinkhorn_log_plan(
     ``eps``, ``lam_p``, ``lam_q``, ``gw`` (:math:`\gamma \geq 0`) and ``prox`` (:math:`\tau \geq 0`) are
     1-D tensors of length ``K``; outer step ``m`` uses entry ``m`` in all its inner iterations. With
     :obj:`memory_efficient`, the inner iterations use the lean backward of the Sinkhorn solver, and the
-    outer steps keep ``O(N D)`` each.
+    outer steps keep ``O(N D)`` each. With :obj:`compile`, the inner iterations run as compiled kernels
+    (:func:`~uotp_geometric.solvers.sinkhorn_log_plan`); the outer steps' structure products stay eager.
     """
     st = structure(x, segments)
     log_t = log_q.unsqueeze(-1) + segments.gather(log_p)
     for m in range(eps.numel()):
         score = x + gw[m] * structure_product(st, log_t.exp()) + prox[m] * log_t
         inner = [value.expand(inner_iters) for value in (eps[m] + prox[m], lam_p[m], lam_q[m])]
-        log_t = sinkhorn_log_plan(score, segments, *inner, log_p, log_q, memory_efficient)
+        log_t = sinkhorn_log_plan(score, segments, *inner, log_p, log_q, memory_efficient, compile)
     return log_t
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_logsumexp, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness, pool_log_plan
+from uotp_geometric.solvers.compiled import compiled, iteration_value
 from uotp_geometric.solvers.sinkhorn_scaling import (SinkhornScaling, SinkhornScalingPool,
                                                      scaling_applies)
 
@@ -58,15 +59,20 @@ def sinkhorn_step(
 
 
 def _iterate(x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
-             log_q: Tensor, trace: Optional[List[Tuple[Tensor, ...]]] = None) -> Tuple[Tensor, Tensor]:
+             log_q: Tensor, trace: Optional[List[Tuple[Tensor, ...]]] = None,
+             compile: bool = False) -> Tuple[Tensor, Tensor]:
     r"""The K iterations of :func:`sinkhorn_step` from ``u = v = 0``; returns the last ``u`` and ``v``.
     With :obj:`trace`, appends per iteration the ``v`` it started from, the new ``u`` and the two
-    log-sum-exps, which :class:`SinkhornPotentials` keeps for its backward."""
+    log-sum-exps, which :class:`SinkhornPotentials` keeps for its backward. With :obj:`compile`, each
+    iteration runs compiled (:mod:`~uotp_geometric.solvers.compiled`), which needs gradients off (as
+    inside an :class:`~torch.autograd.Function` or :func:`torch.no_grad`)."""
     v = log_q.new_zeros(x.size(0))
     u = torch.zeros_like(log_p)
+    step = compiled(sinkhorn_step) if compile else sinkhorn_step
     for k in range(scale.numel()):
         v_prev = v
-        u, v, lse_u, lse_v = sinkhorn_step(x, segments, v, scale[k], c_p[k], c_q[k], log_p, log_q)
+        u, v, lse_u, lse_v = step(x, segments, v, *(iteration_value(t, k, compile) for t in (scale, c_p, c_q)),
+                                  log_p, log_q)
         if trace is not None:
             trace.append((v_prev, u, lse_u, lse_v))
     return u, v
@@ -79,11 +85,11 @@ class SinkhornPotentials(torch.autograd.Function):
     """
     @staticmethod
     def forward(ctx: Any, x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
-                log_q: Tensor) -> Tuple[Tensor, Tensor]:
+                log_q: Tensor, compile: bool = False) -> Tuple[Tensor, Tensor]:
         trace: List[Tuple[Tensor, ...]] = []
-        u, v = _iterate(x, segments, scale, c_p, c_q, log_p, log_q, trace)
+        u, v = _iterate(x, segments, scale, c_p, c_q, log_p, log_q, trace, compile)
         vs, us, lse_us, lse_vs = (torch.stack(state) for state in zip(*trace))
-        ctx.segments = segments
+        ctx.segments, ctx.compile = segments, compile
         ctx.save_for_backward(x, scale, c_p, c_q, log_p, log_q, vs, us, lse_us, lse_vs)
         return u, v
 
@@ -100,29 +106,45 @@ class SinkhornPotentials(torch.autograd.Function):
         grad_log_p, grad_log_q = torch.zeros_like(log_p), torch.zeros_like(log_q)
         gu = grad_u if grad_u is not None else torch.zeros_like(log_p)
         gv = grad_v if grad_v is not None else torch.zeros_like(log_q)
+        step = compiled(_adjoint_step) if ctx.compile else _adjoint_step
         for k in reversed(range(scale.numel())):
-            # v = c_q (log q - LSE_d B), B = s x + u[index]: dv/dB is -c_q softmax_d(B).
-            logits_v = torch.addcmul(segments.gather(us[k]), x, scale[k])
-            grad_b = (logits_v - lse_vs[k].unsqueeze(-1)).exp_()
-            grad_b.mul_((-c_q[k] * gv).unsqueeze(-1))
-            grad_c_q[k] = torch.dot(gv, log_q - lse_vs[k])
-            grad_log_q.add_(c_q[k] * gv)
-            gu = gu + segment_sum(grad_b, segments)
-
-            # u = c_p (log p - LSE_{n in b} A), A = s x + v_prev: du/dA is -c_p softmax_n(A).
-            logits_u = torch.addcmul(vs[k].unsqueeze(-1), x, scale[k])
-            grad_a = (logits_u - segments.gather(lse_us[k])).exp_()
-            grad_a.mul_(-c_p[k] * segments.gather(gu))
-            grad_c_p[k] = (gu * (log_p - lse_us[k])).sum()
-            grad_log_p.add_(c_p[k] * gu)
-            gv = grad_a.sum(dim=-1)  # gradient of the previous v
-
-            grad_logits = grad_a.add_(grad_b)
-            grad_x.add_(scale[k] * grad_logits)
-            grad_scale[k] = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
+            gv, grad_scale[k], grad_c_p[k], grad_c_q[k], part_p, part_q = step(
+                x, segments, *(iteration_value(t, k, ctx.compile) for t in (scale, c_p, c_q)), log_p, log_q,
+                *(iteration_value(t, k, ctx.compile) for t in (vs, us, lse_us, lse_vs)), gu, gv, grad_x)
+            grad_log_p.add_(part_p)
+            grad_log_q.add_(part_q)
             gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
         return (grad_x, None, grad_scale, grad_c_p, grad_c_q, grad_log_p,
-                grad_log_q)
+                grad_log_q, None)
+
+
+def _adjoint_step(x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
+                  log_q: Tensor, v_prev: Tensor, u: Tensor, lse_u: Tensor, lse_v: Tensor, gu: Tensor, gv: Tensor,
+                  grad_x: Tensor) -> Tuple[Tensor, ...]:
+    r"""The adjoint of one :func:`sinkhorn_step` (0-d ``scale``, ``c_p``, ``c_q``), from the ``v`` it started
+    from, its ``u`` and its log-sum-exps: backpropagates ``gu``, ``gv``, adds the gradient w.r.t. ``x`` into
+    :obj:`grad_x` (in place), and returns the gradient w.r.t. the previous ``v`` and the iteration's shares
+    of the gradients w.r.t. ``scale``, ``c_p``, ``c_q``, ``log p`` and ``log q``."""
+    # v = c_q (log q - LSE_d B), B = s x + u[index]: dv/dB is -c_q softmax_d(B).
+    logits_v = torch.addcmul(segments.gather(u), x, scale)
+    grad_b = (logits_v - lse_v.unsqueeze(-1)).exp_()
+    grad_b.mul_((-c_q * gv).unsqueeze(-1))
+    grad_c_q = torch.dot(gv, log_q - lse_v)
+    grad_log_q = c_q * gv
+    gu = gu + segment_sum(grad_b, segments)
+
+    # u = c_p (log p - LSE_{n in b} A), A = s x + v_prev: du/dA is -c_p softmax_n(A).
+    logits_u = torch.addcmul(v_prev.unsqueeze(-1), x, scale)
+    grad_a = (logits_u - segments.gather(lse_u)).exp_()
+    grad_a.mul_(-c_p * segments.gather(gu))
+    grad_c_p = (gu * (log_p - lse_u)).sum()
+    grad_log_p = c_p * gu
+    gv = grad_a.sum(dim=-1)  # gradient of the previous v
+
+    grad_logits = grad_a.add_(grad_b)
+    grad_x.add_(scale * grad_logits)
+    grad_scale = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
+    return gv, grad_scale, grad_c_p, grad_c_q, grad_log_p, grad_log_q
 
 
 def sinkhorn_log_plan(
@@ -134,6 +156,7 @@ def sinkhorn_log_plan(
     log_p: Tensor,
     log_q: Tensor,
     memory_efficient: bool = True,
+    compile: bool = False,
 ) -> Tensor:
     r"""Solves, for every set :math:`b` of the batch, the entropic unbalanced OT problem
 
@@ -155,11 +178,15 @@ def sinkhorn_log_plan(
     (:class:`~uotp_geometric.solvers.sinkhorn_scaling.SinkhornScaling`: one exponential of the data
     instead of two per iteration), falling back to the log domain (:class:`SinkhornPotentials`) where a
     set spans more than the float's range.
+
+    With :obj:`compile`, each iteration, and in the lean backwards each iteration's adjoint, runs as a
+    compiled kernel (:mod:`~uotp_geometric.solvers.compiled`), in either domain; plain autograd
+    (:obj:`memory_efficient` ``=False`` with gradients) stays eager.
     """
     c_p, c_q = hardness(lam_p, eps), hardness(lam_q, eps)
-    out = _scaling(SinkhornScaling, x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient)
+    out = _scaling(SinkhornScaling, x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient, compile)
     u, v = out if out is not None else _log_domain(x, segments, eps, c_p, c_q, log_p, log_q,
-                                                    memory_efficient)
+                                                    memory_efficient, compile)
     return _read_log_plan(x, segments, u, v, eps)
 
 
@@ -172,6 +199,7 @@ def sinkhorn_pool(
     log_p: Tensor,
     log_q: Tensor,
     memory_efficient: bool = True,
+    compile: bool = False,
 ) -> Tensor:
     r"""UOT-Pooling with the plan :math:`T` of :func:`sinkhorn_log_plan` (same arguments):
     :math:`z_b = D \sum_{n \in b} x_n \odot T_n`, shape ``(B, D)``.
@@ -182,32 +210,32 @@ def sinkhorn_pool(
     entry may reach the cap, they are pooled from the log-domain plan.
     """
     c_p, c_q = hardness(lam_p, eps), hardness(lam_q, eps)
-    out = _scaling(SinkhornScalingPool, x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient)
+    out = _scaling(SinkhornScalingPool, x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient, compile)
     if out is not None:
         return out[0]
-    u, v = _log_domain(x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient)
+    u, v = _log_domain(x, segments, eps, c_p, c_q, log_p, log_q, memory_efficient, compile)
     return pool_log_plan(x, _read_log_plan(x, segments, u, v, eps), segments)
 
 
 def _scaling(function: Type[torch.autograd.Function], x: Tensor, segments: Segments, eps: Tensor,
              c_p: Tensor, c_q: Tensor, log_p: Tensor, log_q: Tensor,
-             memory_efficient: bool) -> Optional[Tuple[Tensor, ...]]:
+             memory_efficient: bool, compile: bool = False) -> Optional[Tuple[Tensor, ...]]:
     r"""The outputs of a scaling-domain :obj:`function` where it applies and its flag says they are
     exact; :obj:`None` where the log domain must run instead."""
     if not (memory_efficient and scaling_applies(x, eps)):
         return None
-    *out, ok = function.apply(x, segments, eps[0].reciprocal(), c_p, c_q, log_p, log_q)
+    *out, ok = function.apply(x, segments, eps[0].reciprocal(), c_p, c_q, log_p, log_q, compile)
     return tuple(out) if bool(ok) else None
 
 
 def _log_domain(x: Tensor, segments: Segments, eps: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
-                log_q: Tensor, memory_efficient: bool) -> Tuple[Tensor, Tensor]:
+                log_q: Tensor, memory_efficient: bool, compile: bool = False) -> Tuple[Tensor, Tensor]:
     r"""The potentials ``u``, ``v`` in the log domain: with the lean backward of
-    :class:`SinkhornPotentials` where one is needed, else with plain autograd."""
+    :class:`SinkhornPotentials` where one is needed, else with plain autograd (compiled without gradients)."""
     scale = eps.reciprocal()
     if memory_efficient and torch.is_grad_enabled():
-        return SinkhornPotentials.apply(x, segments, scale, c_p, c_q, log_p, log_q)
-    return _iterate(x, segments, scale, c_p, c_q, log_p, log_q)
+        return SinkhornPotentials.apply(x, segments, scale, c_p, c_q, log_p, log_q, compile)
+    return _iterate(x, segments, scale, c_p, c_q, log_p, log_q, compile=compile and not torch.is_grad_enabled())
 
 
 def _read_log_plan(x: Tensor, segments: Segments, u: Tensor, v: Tensor, eps: Tensor) -> Tensor:

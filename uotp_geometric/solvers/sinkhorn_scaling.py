@@ -13,6 +13,7 @@ from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_count, segment_max, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS
+from uotp_geometric.solvers.compiled import compiled, iteration_value
 
 # The least value a weighted sum of the scaling domain may take for its logarithm to be exact: terms
 # below the smallest normal float may flush to 0, and against a sum of at least sqrt(tiny) they weigh
@@ -48,9 +49,9 @@ class SinkhornScaling(torch.autograd.Function):
     """
     @staticmethod
     def forward(ctx: Any, x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor,
-                log_p: Tensor, log_q: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        u, v, kernel, shifts, sums = _scaling_iterations(x, segments, scale, c_p, c_q, log_p, log_q)
-        ctx.segments = segments
+                log_p: Tensor, log_q: Tensor, compile: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        u, v, kernel, shifts, sums = _scaling_iterations(x, segments, scale, c_p, c_q, log_p, log_q, compile)
+        ctx.segments, ctx.compile = segments, compile
         ctx.save_for_backward(x, kernel, *shifts, scale, c_p, c_q, log_p, log_q, *sums)
         ok = _sums_are_safe(x, sums, _nonempty(segments, x.dtype))
         ctx.mark_non_differentiable(ok)
@@ -64,9 +65,9 @@ class SinkhornScaling(torch.autograd.Function):
         gv = grad_v if grad_v is not None else torch.zeros_like(log_q)
         grad_logits = torch.zeros_like(x)
         grads = _scaling_backward(ctx.segments, kernel, (shift_x, shift_n), c_p, c_q, log_p, log_q, sums,
-                                  gu, gv, grad_logits)
+                                  gu, gv, grad_logits, ctx.compile)
         grad_scale = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
-        return (grad_logits.mul_(scale), None, grad_scale, *grads)
+        return (grad_logits.mul_(scale), None, grad_scale, *grads, None)
 
 
 class SinkhornScalingPool(torch.autograd.Function):
@@ -87,8 +88,8 @@ class SinkhornScalingPool(torch.autograd.Function):
     """
     @staticmethod
     def forward(ctx: Any, x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor,
-                log_p: Tensor, log_q: Tensor) -> Tuple[Tensor, Tensor]:
-        u, v, kernel, shifts, sums = _scaling_iterations(x, segments, scale, c_p, c_q, log_p, log_q)
+                log_p: Tensor, log_q: Tensor, compile: bool = False) -> Tuple[Tensor, Tensor]:
+        u, v, kernel, shifts, sums = _scaling_iterations(x, segments, scale, c_p, c_q, log_p, log_q, compile)
         shift_x, shift_n = shifts
         node_log = shift_n + v  # G
         node_shift = segment_max(node_log, segments)  # W
@@ -97,7 +98,7 @@ class SinkhornScalingPool(torch.autograd.Function):
         col_factor = col_log.exp()
         total = segment_sum(x * kernel * node_weight.unsqueeze(-1), segments)
         out = total * col_factor * x.size(-1)
-        ctx.segments = segments
+        ctx.segments, ctx.compile = segments, compile
         ctx.save_for_backward(x, kernel, shift_x, shift_n, scale, c_p, c_q, log_p, log_q, node_weight, col_factor,
                               total, *sums)
         # The cap of the log-domain path is never reached where F + W stays below it (empty sets aside).
@@ -120,37 +121,62 @@ class SinkhornScalingPool(torch.autograd.Function):
         gu = grad_col * total  # the segment sum of grad_logits, already known
         gv = grad_logits.sum(dim=-1)
         grads = _scaling_backward(segments, kernel, (shift_x, shift_n), c_p, c_q, log_p, log_q, sums, gu, gv,
-                                  grad_logits)
+                                  grad_logits, ctx.compile)
         grad_scale = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
-        return (grad_plan.addcmul_(grad_logits, scale), None, grad_scale, *grads)
+        return (grad_plan.addcmul_(grad_logits, scale), None, grad_scale, *grads, None)
 
 
 def _scaling_iterations(x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q: Tensor, log_p: Tensor,
-                        log_q: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tuple[Tensor, Tensor], list]:
+                        log_q: Tensor,
+                        compile: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tuple[Tensor, Tensor], list]:
     r"""The forward of :class:`SinkhornScaling`: the last ``u`` and ``v``, the kernel, its two shifts
-    ``(A, a)``, and per iteration the sums and shifts ``(C, R, W, Y)`` that the backward rebuilds from."""
+    ``(A, a)``, and per iteration the sums and shifts ``(C, R, W, Y)`` that the backward rebuilds from.
+    With :obj:`compile`, the kernel and each iteration run compiled (:mod:`~uotp_geometric.solvers.compiled`)."""
+    kernel_of, step = (compiled(_kernel), compiled(_scaling_step)) if compile else (_kernel, _scaling_step)
+    shift_x, kernel, shift_n = kernel_of(x, segments, scale)
+    v = torch.zeros_like(log_q)
+    sums = []
+    # Eager, one (N, D) buffer for every product: a fresh one per iteration, freed between the small sums
+    # kept for the backward, fragments glibc's heap (gigabytes at K = 32 under the default allocator). A
+    # compiled step fuses the products into its reductions and needs none.
+    scratch = None if compile else torch.empty_like(kernel)
+    for k in range(c_p.numel()):
+        u, v, *step_sums = step(kernel, segments, shift_x, shift_n, v, iteration_value(c_p, k, compile),
+                                iteration_value(c_q, k, compile), log_p, log_q, scratch)
+        sums += step_sums
+    return u, v, kernel, (shift_x, shift_n), sums
+
+
+def _kernel(x: Tensor, segments: Segments, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""The shifted kernel :math:`E` of :class:`SinkhornScaling` and its shifts :math:`A` ``(B, D)`` and
+    :math:`a` ``(N,)``: returns ``(A, E, a)``."""
     shift_x = scale * segment_max(x, segments)  # A, (B, D); scale >= 0
     kernel = torch.addcmul(segments.gather(shift_x).neg_(), x, scale)
     shift_n = kernel.amax(dim=-1)  # a, (N,)
     kernel.sub_(shift_n.unsqueeze(-1)).exp_()
-    v = torch.zeros_like(log_q)
-    sums = []
-    # One (N, D) buffer for every product: a fresh one per iteration, freed between the small sums kept
-    # for the backward, fragments glibc's heap (gigabytes at K = 32 under the default allocator).
-    scratch = torch.empty_like(kernel)
-    for k in range(c_p.numel()):
-        # u: weights on the nodes, summed over each set's nodes per dim.
-        col_shift = segment_max(shift_n + v, segments)
-        col_weight = _col_weight(shift_n, v, col_shift, segments)
-        col_sum = segment_sum(torch.mul(kernel, col_weight.unsqueeze(-1), out=scratch), segments)
-        u = c_p[k] * (log_p - _lse_u(shift_x, col_shift, col_sum))
-        # v: weights on the dims, summed over each node's dims.
-        row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
-        row_weight = _row_weight(shift_x, u, row_shift)
+    return shift_x, kernel, shift_n
+
+
+def _scaling_step(kernel: Tensor, segments: Segments, shift_x: Tensor, shift_n: Tensor, v: Tensor, c_p: Tensor,
+                  c_q: Tensor, log_p: Tensor, log_q: Tensor, scratch: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    r"""One iteration of :func:`_scaling_iterations` from ``v``, with its 0-d ``c_p`` and ``c_q``: returns
+    the new ``u`` and ``v`` and the iteration's sums and shifts ``(C, R, W, Y)``. Its ``(N, D)`` products
+    go into :obj:`scratch` where given."""
+    # u: weights on the nodes, summed over each set's nodes per dim.
+    col_shift = segment_max(shift_n + v, segments)
+    col_weight = _col_weight(shift_n, v, col_shift, segments).unsqueeze(-1)
+    weighted = kernel * col_weight if scratch is None else torch.mul(kernel, col_weight, out=scratch)
+    col_sum = segment_sum(weighted, segments)
+    u = c_p * (log_p - _lse_u(shift_x, col_shift, col_sum))
+    # v: weights on the dims, summed over each node's dims.
+    row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
+    row_weight = _row_weight(shift_x, u, row_shift)
+    if scratch is None:
+        row_sum = (kernel * segments.gather(row_weight)).sum(dim=-1)
+    else:
         row_sum = torch.index_select(row_weight, 0, segments.index, out=scratch).mul_(kernel).sum(dim=-1)
-        v = c_q[k] * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
-        sums += [col_sum, row_sum, col_shift, row_shift]
-    return u, v, kernel, (shift_x, shift_n), sums
+    v = c_q * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
+    return u, v, col_sum, row_sum, col_shift, row_shift
 
 
 def _nonempty(segments: Segments, dtype: torch.dtype) -> Tensor:
@@ -167,46 +193,70 @@ def _sums_are_safe(x: Tensor, sums: list, nonempty: Tensor) -> Tensor:
 
 def _scaling_backward(segments: Segments, kernel: Tensor, shifts: Tuple[Tensor, Tensor], c_p: Tensor,
                       c_q: Tensor, log_p: Tensor, log_q: Tensor, sums: list, gu: Tensor, gv: Tensor,
-                      grad_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      grad_logits: Tensor, compile: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Backpropagates the gradients ``gu``, ``gv`` of the last potentials through the iterations of
     :func:`_scaling_iterations`, adding the gradient w.r.t. the logits :math:`s x` of all iterations into
     :obj:`grad_logits` (in place); returns those w.r.t. ``c_p``, ``c_q``, ``log_p`` and ``log_q``. Every
     softmax of spec §2 is the kernel times a per-node and a per-(set, dim) factor
-    (:class:`SinkhornScaling`)."""
+    (:class:`SinkhornScaling`). With :obj:`compile`, each iteration's adjoint runs compiled."""
     shift_x, shift_n = shifts
     grad_c_p, grad_c_q = torch.zeros_like(c_p), torch.zeros_like(c_q)
     grad_log_p, grad_log_q = torch.zeros_like(log_p), torch.zeros_like(log_q)
-    tiny = torch.finfo(kernel.dtype).tiny
-    # The (N, D) products in two buffers allocated once, for the reason _scaling_iterations gives; one
-    # allocation of both is large enough for glibc to map it apart from its heap.
-    node, gathered = torch.empty((2, *kernel.shape), dtype=kernel.dtype, device=kernel.device).unbind(0)
+    step = compiled(_scaling_adjoint_step) if compile else _scaling_adjoint_step
+    # Eager, the (N, D) products in two buffers allocated once, for the reason _scaling_iterations gives;
+    # one allocation of both is large enough for glibc to map it apart from its heap.
+    buffers = None if compile else torch.empty((2, *kernel.shape), dtype=kernel.dtype,
+                                               device=kernel.device).unbind(0)
     for k in reversed(range(c_p.numel())):
-        col_sum, row_sum, col_shift, row_shift = sums[4 * k:4 * k + 4]
         # The same operations as the forward, on (B, D) and (N,) values only.
         v = torch.zeros_like(log_q)
         if k > 0:  # the v entering iteration k, from the sums of iteration k - 1
             _, prev_row_sum, _, prev_row_shift = sums[4 * k - 4:4 * k]
             v = c_q[k - 1] * (log_q - _lse_v(shift_n, prev_row_shift, prev_row_sum, segments))
-        col_weight = _col_weight(shift_n, v, col_shift, segments)
-        lse_u = _lse_u(shift_x, col_shift, col_sum)
-        u = c_p[k] * (log_p - lse_u)
-        row_weight = _row_weight(shift_x, u, row_shift)
-        lse_v = _lse_v(shift_n, row_shift, row_sum, segments)
-
-        # v = c_q (log q - LSE_d B): dv/dB = -c_q E_nd y_bd / R_n.
-        grad_c_q[k] = torch.dot(gv, log_q - lse_v)
-        grad_log_q.add_(c_q[k] * gv)
-        torch.mul(kernel, (gv / row_sum).unsqueeze(-1), out=node)
-        gu = gu - c_q[k] * row_weight * segment_sum(node, segments)
-        grad_logits.addcmul_(node, torch.index_select(-c_q[k] * row_weight, 0, segments.index, out=gathered))
-        # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
-        grad_c_p[k] = (gu * (log_p - lse_u)).sum()
-        grad_log_p.add_(c_p[k] * gu)
-        dim = torch.index_select(gu / col_sum.clamp_min(tiny), 0, segments.index, out=node).mul_(kernel)
-        gv = -c_p[k] * col_weight * dim.sum(dim=-1)  # gradient of the previous v
-        grad_logits.addcmul_(dim, (-c_p[k] * col_weight).unsqueeze(-1))
+        gv, grad_c_p[k], grad_c_q[k], part_p, part_q = step(
+            kernel, segments, shift_x, shift_n, v, iteration_value(c_p, k, compile), iteration_value(c_q, k, compile),
+            log_p, log_q, *sums[4 * k:4 * k + 4], gu, gv, grad_logits, buffers)
+        grad_log_p.add_(part_p)
+        grad_log_q.add_(part_q)
         gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
     return grad_c_p, grad_c_q, grad_log_p, grad_log_q
+
+
+def _scaling_adjoint_step(kernel: Tensor, segments: Segments, shift_x: Tensor, shift_n: Tensor, v: Tensor,
+                          c_p: Tensor, c_q: Tensor, log_p: Tensor, log_q: Tensor, col_sum: Tensor, row_sum: Tensor,
+                          col_shift: Tensor, row_shift: Tensor, gu: Tensor, gv: Tensor, grad_logits: Tensor,
+                          buffers: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
+    r"""The adjoint of one :func:`_scaling_step` from the ``v`` entering it and its sums: backpropagates
+    ``gu``, ``gv``, adds the gradient w.r.t. the logits into :obj:`grad_logits` (in place), and returns the
+    gradient w.r.t. the previous ``v`` and the iteration's shares of the gradients w.r.t. ``c_p``, ``c_q``,
+    ``log p`` and ``log q``. Its ``(N, D)`` products go into the two :obj:`buffers` where given."""
+    col_weight = _col_weight(shift_n, v, col_shift, segments)
+    lse_u = _lse_u(shift_x, col_shift, col_sum)
+    u = c_p * (log_p - lse_u)
+    row_weight = _row_weight(shift_x, u, row_shift)
+    lse_v = _lse_v(shift_n, row_shift, row_sum, segments)
+    # v = c_q (log q - LSE_d B): dv/dB = -c_q E_nd y_bd / R_n.
+    grad_c_q = torch.dot(gv, log_q - lse_v)
+    grad_log_q = c_q * gv
+    node_weight, dim_weight = (gv / row_sum).unsqueeze(-1), -c_q * row_weight
+    if buffers is None:
+        node, gathered = kernel * node_weight, segments.gather(dim_weight)
+    else:
+        node = torch.mul(kernel, node_weight, out=buffers[0])
+        gathered = torch.index_select(dim_weight, 0, segments.index, out=buffers[1])
+    gu = gu - c_q * row_weight * segment_sum(node, segments)
+    grad_logits.addcmul_(node, gathered)
+    # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
+    grad_c_p = (gu * (log_p - lse_u)).sum()
+    grad_log_p = c_p * gu
+    col_factor = gu / col_sum.clamp_min(torch.finfo(kernel.dtype).tiny)
+    if buffers is None:
+        dim = kernel * segments.gather(col_factor)
+    else:  # into the first buffer, whose node products are read no more
+        dim = torch.index_select(col_factor, 0, segments.index, out=buffers[0]).mul_(kernel)
+    gv = -c_p * col_weight * dim.sum(dim=-1)  # gradient of the previous v
+    grad_logits.addcmul_(dim, (-c_p * col_weight).unsqueeze(-1))
+    return gv, grad_c_p, grad_c_q, grad_log_p, grad_log_q
 
 
 def _col_weight(shift_n: Tensor, v: Tensor, col_shift: Tensor, segments: Segments) -> Tensor:
