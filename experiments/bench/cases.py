@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 HAS_MEMORY_EFFICIENT = "memory_efficient" in inspect.signature(UOTAggregation).parameters
 DEFAULT_MODE: Optional[bool] = True if HAS_MEMORY_EFFICIENT else None
 MODES: tuple[Optional[bool], ...] = (True, False) if HAS_MEMORY_EFFICIENT else (None,)
+# The solvers' compiled kernels (an eager layer): UOTAggregation(compile=True), where the package has it.
+HAS_COMPILE = "compile" in inspect.signature(UOTAggregation).parameters
 SOLVERS = ("sinkhorn", "badmm")
 LOGNORMAL_SIGMA = 1.0  # of log(set size): the largest of a few hundred sets is 4 to 13 times the mean
 
@@ -77,8 +79,9 @@ class Method:
     solver: str = ""
     num_iters: int = 0
     memory_efficient: Optional[bool] = None  # None: not applicable, or the keyword does not exist yet
-    compiled: bool = False
+    compiled: bool = False  # the whole module through torch.compile
     gw: float = 0.0  # ROT-Pooling's structure term (UOT only)
+    kernels: bool = False  # UOT only: the layer eager, its solver's iterations compiled (compile=True)
 
     @property
     def label(self) -> str:
@@ -86,6 +89,7 @@ class Method:
         if self.memory_efficient is not None:
             parts.append("efficient" if self.memory_efficient else "autograd")
         parts.append("compiled" if self.compiled else "")
+        parts.append("compiled kernels" if self.kernels else "")
         parts.append(f"gw={self.gw:g}" if self.gw else "")
         return " ".join(p for p in parts if p)
 
@@ -103,7 +107,9 @@ class Method:
         if self.name == "UOT":
             mode = {} if self.memory_efficient is None else {"memory_efficient": self.memory_efficient}
             structure = {"gw": self.gw} if self.gw else {}
-            module = UOTAggregation(self.solver, num_iters=self.num_iters, learn=True, **mode, **structure)
+            kernels = {"compile": True} if self.kernels else {}
+            module = UOTAggregation(self.solver, num_iters=self.num_iters, learn=True, **mode, **structure,
+                                    **kernels)
         elif self.name == "padded UOT":
             module = PaddedUOT(self.solver, self.num_iters)
         else:
@@ -140,7 +146,8 @@ class Plan:
     memory_iters: Sequence[int] = (4, 32)
     memory_solvers: Sequence[str] = (*SOLVERS, "badmm_q")  # the memory target's solvers
     solvers: Sequence[str] = SOLVERS
-    compile_solvers: Sequence[str] = ("sinkhorn",)
+    compile_solvers: Sequence[str] = SOLVERS  # eager against compiled kernels (compile=True)
+    module_compile_solvers: Sequence[str] = ("sinkhorn",)  # torch.compile of the whole layer, for contrast
     padded_max_elements: float = 2e8  # B * M * D * K above which padding is skipped (its memory)
     curve_batch: Batch = Batch(128, 30)  # the scaling curves vary its N, D or K
     compile_batches: Sequence[Batch] = SKEWED
@@ -160,5 +167,5 @@ def make_plan(quick: bool) -> Plan:
     return Plan(repeats=15, warmup=2, batches=batches, num_iters=(1, 4, 16),
                 nodes=(1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000),
                 dims=(16, 32, 64, 128, 256, 512), iters=(1, 2, 4, 8, 16, 32, 64), memory_batches=batches,
-                compile_solvers=SOLVERS, structure_batches=SKEWED)
+                structure_batches=SKEWED)
 

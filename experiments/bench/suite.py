@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments.bench.cases import (DEFAULT_MODE, SOFTMAX, PYG_AGGREGATIONS, Batch, Method, Plan,
+from experiments.bench.cases import (DEFAULT_MODE, HAS_COMPILE, SOFTMAX, PYG_AGGREGATIONS, Batch, Method, Plan,
                                      uot_methods)
 from experiments.bench.memory import CPU_ALLOCATORS, FIXED_MMAP, available_mb, cuda_peak_mb, peak_mb_in_subprocess
 from experiments.bench.timing import elapsed_ms, forward, forward_backward
@@ -65,7 +65,7 @@ def measure_group(section: str, batch: Batch, methods: Sequence[Method], device:
             for _ in range(plan.warmup):
                 forward(module, x, index, batch.num_sets)
                 forward_backward(module, x, index, batch.num_sets)
-            if method.compiled:
+            if method.compiled or method.kernels:
                 row["note"] = f"compile and warm-up: {time.perf_counter() - start_s:.1f} s"
             modules[method] = module
         except Exception as error:  # noqa: BLE001
@@ -154,7 +154,11 @@ def run(plan: Plan, device: torch.device, threads: int) -> pd.DataFrame:
     for num_iters in plan.iters:
         rows += measure_group("scaling K", plan.curve_batch, curve(num_iters), device, plan, threads)
     _log("torch.compile")
-    compiled = [Method("UOT", s, 4, DEFAULT_MODE, c) for s in plan.compile_solvers for c in (False, True)]
+    # Per solver: eager, its compiled kernels (the layer eager: compile=True), and for contrast the whole layer
+    # through torch.compile, which breaks its graph at the solvers' autograd.Functions.
+    eager = [Method("UOT", s, 4, DEFAULT_MODE) for s in plan.compile_solvers]
+    compiled = [*eager, *(replace(m, kernels=True) for m in eager if HAS_COMPILE),
+                *(Method("UOT", s, 4, DEFAULT_MODE, compiled=True) for s in plan.module_compile_solvers)]
     if compiled:  # compiled Softmax too, so that compiled UOT is also seen against a compiled baseline
         compiled.insert(0, replace(SOFTMAX, compiled=True))
     for batch in plan.compile_batches:

@@ -81,14 +81,17 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     plan = bench.Plan(repeats=2, warmup=1, batches=[tiny, bench.Batch(6, 5, "uniform")], num_iters=(2,),
                       nodes=(40, 80), dims=(8, 16), iters=(1, 2), memory_batches=[],
                       memory_target=bench.Batch(20, 500, "uniform"), memory_iters=(1, 2),
-                      memory_solvers=("sinkhorn",), solvers=("sinkhorn",), compile_solvers=(), curve_batch=tiny,
-                      compile_batches=[tiny])
+                      memory_solvers=("sinkhorn",), solvers=("sinkhorn",), compile_solvers=("sinkhorn",),
+                      module_compile_solvers=(), curve_batch=tiny, compile_batches=[tiny])
     df = bench.run(plan, torch.device("cpu"), threads=one_thread)
     info = bench.machine_info(torch.device("cpu"), "python -m experiments.bench", load_before=0.0)
     bench.write_outputs(df, tmp_path, info, plan)
 
     timed = df[df.section != "memory"]
-    assert (df.note == "").all()  # nothing failed or was skipped
+    compiled = df.method.str.contains(" compiled")  # Softmax compiled, and ours with compile=True
+    assert set(df[compiled].method) == {"SoftmaxAggregation compiled", "UOT sinkhorn K=4 efficient compiled kernels"}
+    assert df[compiled].note.str.match(r"compile and warm-up: [0-9.]+ s$").all()
+    assert (df[~compiled].note == "").all()  # nothing failed or was skipped
     assert set(timed.section) == {"batch", "scaling N", "scaling D", "scaling K", "compile"}
     for column in ("fwd_ms", "fwdbwd_ms", "fwdbwd_ratio"):
         assert np.isfinite(timed[column]).all() and (timed[column] > 0).all(), column
