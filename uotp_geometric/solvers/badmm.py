@@ -455,12 +455,12 @@ def _compiled_adjoint(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[
     of the first iteration is :obj:`ws`'s."""
     data, values = prob.kernel_args(k)
     log_s, dual = state
-    coef_grads, grad_log_p, grad_log_q = compiled(badmm_adjoint_)(
+    coef_parts, grad_log_p, grad_log_q = compiled(badmm_adjoint_)(
         *data, log_s, ws.zero if dual is None else dual, ws.grad_log_s, ws.grad_dual, grads.x, *values, grad_pool)
     gc = grads.coef
-    for total, part in zip((gc.rho, gc.scale, gc.h_q, gc.h_p, gc.delta), coef_grads.unbind()):
+    for total, part in zip((gc.rho, gc.scale, gc.h_q, gc.h_p, gc.delta), coef_parts):
         if total is not None:
-            total[k] += part
+            total[k] += part.sum()
     grads.log_p.add_(grad_log_p)
     grads.log_q.add_(grad_log_q)
 

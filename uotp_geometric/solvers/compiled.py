@@ -115,8 +115,15 @@ def badmm_step_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q: T
     plan.copy_(it.plan_s)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum()
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\langle a, b \rangle` as a tensor whose sum it is: eager, the 0-d dot product; in a compiled
+    kernel, its partial sums over the rows (shape ``(a.size(0),)``), for the caller to add up. The compiler
+    guards a float32 sum on whether it has more than 4096 terms (beyond, it accumulates in chunks), so a
+    full sum over ``N`` or ``N D`` entries would give a batch crossing that size a graph of its own; a sum
+    over one row (``D`` terms) does not."""
+    if torch.compiler.is_compiling():
+        return (a * b).reshape(a.size(0), -1).sum(dim=-1)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def badmm_adjoint_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q: Tensor, log_s: Tensor,
@@ -128,8 +135,8 @@ def badmm_adjoint_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q
     :func:`~uotp_geometric.solvers.badmm._adjoint_step` (and, with :obj:`grad_pool`, the pooling's adjoint
     :func:`~uotp_geometric.solvers.badmm._pool_adjoint` before it): :obj:`grad_log_s` and :obj:`grad_dual`
     become the gradients w.r.t. the state entering the iteration and :obj:`grad_x` gains the iteration's
-    share, in place. Returns the gradients w.r.t. ``(rho, scale, h_q, h_p, delta)`` stacked (``delta``'s 0
-    without it), and the shares of ``log p`` and ``log q``."""
+    share, in place. Returns the gradients w.r.t. ``(rho, scale, h_q, h_p, delta)``, each as partial sums
+    (:func:`dot`; ``delta``'s 0 without it), and the shares of ``log p`` and ``log q``."""
     zero = torch.zeros_like(x) if dual is None else dual
     plan_in = log_s.exp() if delta is not None else None
     it = _BADMMInternals(x, index, num_sets, log_p, log_q, log_s, zero, plan_in, rho, scale, h_q, h_p, delta)
@@ -139,22 +146,22 @@ def badmm_adjoint_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q
         grad_x.add_(grad)
         g_log_s = grad * x
     plan_t, plan_s = it.plan_t, it.plan_s
-    d_rho = _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
+    d_rho = dot(grad_dual, plan_t) - dot(grad_dual, plan_s)
     grad_h = plan_s * grad_dual * -rho + g_log_s
     col = segment_sum(grad_h, Segments(index, num_sets))
     pre_p = col * it.mu_free
-    d_h_p = (pre_p * (log_p - it.log_c)).sum()
+    d_h_p = dot(pre_p, log_p - it.log_c)
     grad_log_p = h_p * pre_p
     col_grad = ((1 - h_p) * pre_p - col) / it.col_total
     grad_h = grad_h + it.e_s * col_grad.index_select(0, index)
-    dot_log_t = _dot(grad_h, it.g) + (grad_h.sum(dim=-1, keepdim=True) * (it.log_eta - it.log_r)).sum()
+    dot_log_t = dot(grad_h, it.g) + dot(grad_h.sum(dim=-1, keepdim=True), it.log_eta - it.log_r)
     d_scale = rho * dot_log_t
     if dual is not None:
-        d_scale = d_scale + _dot(grad_h, dual)
+        d_scale = d_scale + dot(grad_h, dual)
     d_rho = d_rho + dot_log_t * scale
     d_delta = torch.zeros_like(rho)
     if delta is not None:
-        along = _dot(grad_h, plan_t)
+        along = dot(grad_h, plan_t)
         d_delta = d_delta + scale * along
         d_scale = d_scale + delta * along
         grad_log_t = plan_t * (grad_h * delta * scale + grad_dual * rho)
@@ -165,15 +172,15 @@ def badmm_adjoint_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q
     grad_log_t = grad_log_t + grad_h * rho
     row = grad_log_t.sum(dim=-1, keepdim=True)
     pre_q = row * it.eta_free
-    d_h_q = (pre_q * (log_q.unsqueeze(-1) - it.log_r)).sum()
+    d_h_q = dot(pre_q, log_q.unsqueeze(-1) - it.log_r)
     grad_log_q = h_q * pre_q.squeeze(-1)
     grad_g = grad_log_t + it.e_t * (((1 - h_q) * pre_q - row) / it.row_total)
-    d_rho = d_rho - (_dot(grad_g, it.g) - _dot(grad_g, log_s)) / rho
+    d_rho = d_rho - (dot(grad_g, it.g) - dot(grad_g, log_s)) / rho
     grad_x.add_(grad_g / rho)
     new_grad_dual = new_grad_dual - grad_g / rho
     if delta is not None:
-        d_delta = d_delta + _dot(grad_g, plan_in) / rho
+        d_delta = d_delta + dot(grad_g, plan_in) / rho
         grad_g = grad_g + grad_g * delta / rho * plan_in
     grad_log_s.copy_(grad_g)
     grad_dual.copy_(new_grad_dual)
-    return torch.stack([d_rho, d_scale, d_h_q, d_h_p, d_delta]), grad_log_p, grad_log_q
+    return (d_rho, d_scale, d_h_q, d_h_p, d_delta), grad_log_p, grad_log_q

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_logsumexp, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness, pool_log_plan
-from uotp_geometric.solvers.compiled import compiled, iteration_value
+from uotp_geometric.solvers.compiled import compiled, dot, iteration_value
 from uotp_geometric.solvers.sinkhorn_scaling import (SinkhornScaling, SinkhornScalingPool,
                                                      scaling_applies)
 
@@ -108,9 +108,10 @@ class SinkhornPotentials(torch.autograd.Function):
         gv = grad_v if grad_v is not None else torch.zeros_like(log_q)
         step = compiled(_adjoint_step) if ctx.compile else _adjoint_step
         for k in reversed(range(scale.numel())):
-            gv, grad_scale[k], grad_c_p[k], grad_c_q[k], part_p, part_q = step(
+            gv, *parts, part_p, part_q = step(
                 x, segments, *(iteration_value(t, k, ctx.compile) for t in (scale, c_p, c_q)), log_p, log_q,
                 *(iteration_value(t, k, ctx.compile) for t in (vs, us, lse_us, lse_vs)), gu, gv, grad_x)
+            grad_scale[k], grad_c_p[k], grad_c_q[k] = (part.sum() for part in parts)
             grad_log_p.add_(part_p)
             grad_log_q.add_(part_q)
             gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
@@ -124,12 +125,13 @@ def _adjoint_step(x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q
     r"""The adjoint of one :func:`sinkhorn_step` (0-d ``scale``, ``c_p``, ``c_q``), from the ``v`` it started
     from, its ``u`` and its log-sum-exps: backpropagates ``gu``, ``gv``, adds the gradient w.r.t. ``x`` into
     :obj:`grad_x` (in place), and returns the gradient w.r.t. the previous ``v`` and the iteration's shares
-    of the gradients w.r.t. ``scale``, ``c_p``, ``c_q``, ``log p`` and ``log q``."""
+    of the gradients w.r.t. ``scale``, ``c_p``, ``c_q`` (as partial sums,
+    :func:`~uotp_geometric.solvers.compiled.dot`), ``log p`` and ``log q``."""
     # v = c_q (log q - LSE_d B), B = s x + u[index]: dv/dB is -c_q softmax_d(B).
     logits_v = torch.addcmul(segments.gather(u), x, scale)
     grad_b = (logits_v - lse_v.unsqueeze(-1)).exp_()
     grad_b.mul_((-c_q * gv).unsqueeze(-1))
-    grad_c_q = torch.dot(gv, log_q - lse_v)
+    grad_c_q = dot(gv, log_q - lse_v)
     grad_log_q = c_q * gv
     gu = gu + segment_sum(grad_b, segments)
 
@@ -137,13 +139,13 @@ def _adjoint_step(x: Tensor, segments: Segments, scale: Tensor, c_p: Tensor, c_q
     logits_u = torch.addcmul(v_prev.unsqueeze(-1), x, scale)
     grad_a = (logits_u - segments.gather(lse_u)).exp_()
     grad_a.mul_(-c_p * segments.gather(gu))
-    grad_c_p = (gu * (log_p - lse_u)).sum()
+    grad_c_p = dot(gu, log_p - lse_u)
     grad_log_p = c_p * gu
     gv = grad_a.sum(dim=-1)  # gradient of the previous v
 
     grad_logits = grad_a.add_(grad_b)
     grad_x.add_(scale * grad_logits)
-    grad_scale = torch.dot(x.reshape(-1), grad_logits.reshape(-1))
+    grad_scale = dot(x, grad_logits)
     return gv, grad_scale, grad_c_p, grad_c_q, grad_log_p, grad_log_q
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_count, segment_max, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS
-from uotp_geometric.solvers.compiled import compiled, iteration_value
+from uotp_geometric.solvers.compiled import compiled, dot, iteration_value
 
 # The least value a weighted sum of the scaling domain may take for its logarithm to be exact: terms
 # below the smallest normal float may flush to 0, and against a sum of at least sqrt(tiny) they weigh
@@ -213,9 +213,10 @@ def _scaling_backward(segments: Segments, kernel: Tensor, shifts: Tuple[Tensor, 
         if k > 0:  # the v entering iteration k, from the sums of iteration k - 1
             _, prev_row_sum, _, prev_row_shift = sums[4 * k - 4:4 * k]
             v = c_q[k - 1] * (log_q - _lse_v(shift_n, prev_row_shift, prev_row_sum, segments))
-        gv, grad_c_p[k], grad_c_q[k], part_p, part_q = step(
+        gv, part_c_p, part_c_q, part_p, part_q = step(
             kernel, segments, shift_x, shift_n, v, iteration_value(c_p, k, compile), iteration_value(c_q, k, compile),
             log_p, log_q, *sums[4 * k:4 * k + 4], gu, gv, grad_logits, buffers)
+        grad_c_p[k], grad_c_q[k] = part_c_p.sum(), part_c_q.sum()
         grad_log_p.add_(part_p)
         grad_log_q.add_(part_q)
         gu = torch.zeros_like(gu)  # the previous u does not enter this iteration
@@ -228,15 +229,16 @@ def _scaling_adjoint_step(kernel: Tensor, segments: Segments, shift_x: Tensor, s
                           buffers: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
     r"""The adjoint of one :func:`_scaling_step` from the ``v`` entering it and its sums: backpropagates
     ``gu``, ``gv``, adds the gradient w.r.t. the logits into :obj:`grad_logits` (in place), and returns the
-    gradient w.r.t. the previous ``v`` and the iteration's shares of the gradients w.r.t. ``c_p``, ``c_q``,
-    ``log p`` and ``log q``. Its ``(N, D)`` products go into the two :obj:`buffers` where given."""
+    gradient w.r.t. the previous ``v`` and the iteration's shares of the gradients w.r.t. ``c_p``, ``c_q``
+    (as partial sums, :func:`~uotp_geometric.solvers.compiled.dot`), ``log p`` and ``log q``.
+    Its ``(N, D)`` products go into the two :obj:`buffers` where given."""
     col_weight = _col_weight(shift_n, v, col_shift, segments)
     lse_u = _lse_u(shift_x, col_shift, col_sum)
     u = c_p * (log_p - lse_u)
     row_weight = _row_weight(shift_x, u, row_shift)
     lse_v = _lse_v(shift_n, row_shift, row_sum, segments)
     # v = c_q (log q - LSE_d B): dv/dB = -c_q E_nd y_bd / R_n.
-    grad_c_q = torch.dot(gv, log_q - lse_v)
+    grad_c_q = dot(gv, log_q - lse_v)
     grad_log_q = c_q * gv
     node_weight, dim_weight = (gv / row_sum).unsqueeze(-1), -c_q * row_weight
     if buffers is None:
@@ -247,7 +249,7 @@ def _scaling_adjoint_step(kernel: Tensor, segments: Segments, shift_x: Tensor, s
     gu = gu - c_q * row_weight * segment_sum(node, segments)
     grad_logits.addcmul_(node, gathered)
     # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
-    grad_c_p = (gu * (log_p - lse_u)).sum()
+    grad_c_p = dot(gu, log_p - lse_u)
     grad_log_p = c_p * gu
     col_factor = gu / col_sum.clamp_min(torch.finfo(kernel.dtype).tiny)
     if buffers is None:
