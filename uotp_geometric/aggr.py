@@ -145,9 +145,11 @@ class UOTAggregation(Aggregation):
         compile (bool): If :obj:`True`, the solver's iterations (and their adjoints in the lean
             backward) run as kernels compiled by :func:`torch.compile` with dynamic shapes, the layer
             itself staying eager; the first call compiles them (tens of seconds on a CPU), later calls
-            of any batch size reuse them. On the CPU this pays only for small batches (see
+            of any batch size reuse them. On the CPU the gain is modest (see
             :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``); the structure term
-            of BADMM and :obj:`memory_efficient` ``=False`` stay eager. (default: :obj:`False`)
+            of BADMM and :obj:`memory_efficient` ``=False`` stay eager. Prefer it to
+            :func:`torch.compile` of the whole layer, which ``docs/bench`` measures slower than eager.
+            (default: :obj:`False`)
 
     Examples:
         >>> import torch

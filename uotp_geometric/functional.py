@@ -333,13 +333,13 @@ def uot_plan(
             (:obj:`memory_efficient`) each iteration's recomputation and adjoint, runs as a kernel compiled
             by :func:`torch.compile` (``fullgraph=True, dynamic=True``; the solvers'
             :class:`~torch.autograd.Function` s stay eager): fused passes over the ``(N, D)`` data in
-            place of dozens of operations each. The first call compiles (tens of seconds on a CPU, a
-            few graphs per solver, cached for the process and by the compiler on disk); later calls
-            reuse the graphs whatever ``N``, ``B`` and ``D`` (a few size thresholds of the compiler may
-            add one graph). On the CPU it saves the per-operation overhead of small batches and does
-            not pay at large ones, where the fused kernels recompute exponentials that the eager
-            iterations keep (``docs/solvers.md``). Plain autograd (``memory_efficient=False`` with
-            gradients) and BADMM's structure term (``gw``) stay eager, and inside a graph that
+            place of dozens of operations each. The first call compiles (tens of seconds on a CPU for
+            a solver's two or three graphs, kept for the process, and by the compiler's cache on disk);
+            later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On the CPU the gain is modest,
+            the iterations being bound by their exponentials, which the fused loops partly recompute
+            where eager keeps them (``docs/solvers.md``, ``docs/bench``). Plain autograd
+            (``memory_efficient=False`` with gradients, which double backward needs and compiled
+            graphs do not give) and BADMM's structure term (``gw``) stay eager, and inside a graph that
             :func:`torch.compile` traces as a whole the option does nothing.
 
     Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a tensor of
