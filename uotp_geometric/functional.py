@@ -337,7 +337,9 @@ def uot_plan(
             a solver's two or three graphs, kept for the process, and by the compiler's cache on disk);
             later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On the CPU the gain is modest,
             the iterations being bound by their exponentials, which the fused loops partly recompute
-            where eager keeps them (``docs/solvers.md``, ``docs/bench``). Plain autograd
+            where eager keeps them, and the BADMMs' kernels allocate two or three ``(N, D)``
+            temporaries per call, which a fixed small mmap threshold makes costly
+            (``docs/solvers.md``, ``docs/bench``). Plain autograd
             (``memory_efficient=False`` with gradients, which double backward needs and compiled
             graphs do not give) and BADMM's structure term (``gw``) stay eager, and inside a graph that
             :func:`torch.compile` traces as a whole the option does nothing.

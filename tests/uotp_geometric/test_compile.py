@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from uotp_geometric import UOTAggregation
-from uotp_geometric.functional import uot_pool
+from uotp_geometric.functional import SolverOptions, _uot, uot_pool
 from uotp_geometric.solvers import compiled as compiled_kernels
 
 from .helpers import ragged_batch
@@ -105,3 +105,17 @@ def test_functional_form_takes_the_option():
     for solver in ('sinkhorn', 'badmm'):
         expected = uot_pool(x, index, solver=solver, eps=0.5)
         _close(uot_pool(x, index, solver=solver, eps=0.5, compile=True), expected, 1e-5)
+
+
+def test_rows_grouped_by_set():
+    # Accelerators group the rows by set and reduce with segment_reduce (CSR offsets): inside the kernels too.
+    x, index = ragged_batch([3, 0, 6, 2], 5, dtype=torch.float32, shuffle=True)
+    results = []
+    for compile in (False, True):
+        leaf = x.clone().requires_grad_()
+        out = _uot(leaf, index, 4, SolverOptions(eps=0.5, compile=compile), None, None, None, pool=True,
+                   sort_rows=True)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    _close(results[1][0], results[0][0], 1e-5)
+    _close(results[1][1], results[0][1], 1e-5)
