@@ -19,6 +19,7 @@ SLOW_TESTS = frozenset({  # node ids without their parameters
     "tests/uotp_geometric/solvers/test_badmm_q.py::test_fuzz_stays_finite",
     # compiles BADMM's, BADMM-Q's and log-domain Sinkhorn's kernels (up to half a minute each, cold)
     "tests/uotp_geometric/test_compile.py::test_compiled_badmm_and_log_domain_match_eager",
+    "tests/uotp_geometric/test_compile.py::test_rows_grouped_by_set",  # the kernels' segment_reduce variant
 })
 
 
