@@ -33,9 +33,14 @@ def compiled(fn: Callable) -> Callable:
 
         def kernel(*args: Any) -> Any:
             # Without duck shaping: sizes of the same value (B = D = 64, say) would share a symbol, and
-            # the graph would hold only for batches where they are equal.
-            with fx_config.patch(use_duck_shape=False):
+            # the graph would hold only for batches where they are equal. (Set and reset by hand: the
+            # config's patch() costs several times as much, at every call.)
+            duck_shape = fx_config.use_duck_shape
+            fx_config.use_duck_shape = False
+            try:
                 return graph(*(_detached(a) for a in args))
+            finally:
+                fx_config.use_duck_shape = duck_shape
 
         _COMPILED[fn] = kernel
     return kernel
