@@ -20,6 +20,7 @@ SLOW_TESTS = frozenset({  # node ids without their parameters
     # compiles BADMM's, BADMM-Q's and log-domain Sinkhorn's kernels (up to half a minute each, cold)
     "tests/uotp_geometric/test_compile.py::test_compiled_badmm_and_log_domain_match_eager",
     "tests/uotp_geometric/test_compile.py::test_rows_grouped_by_set",  # the kernels' segment_reduce variant
+    "tests/uotp_geometric/test_compile.py::test_compiled_plan_matches_eager",  # BADMM's kernels, if run alone
 })
 
 
