@@ -142,14 +142,14 @@ class UOTAggregation(Aggregation):
             :obj:`num_iters` outer steps each take a structure step. (default: ``4``)
         mass_exponent (float): Initial exponent :math:`a \in [0, 1]` of ``prior="power"``, learned
             through a sigmoid when :obj:`learn` (``0`` and ``1`` stay fixed). (default: ``0.5``)
-        compile (bool): If :obj:`True`, the solver's iterations (and their adjoints in the lean
+        compile (bool): Sinkhorn only (``solver="sinkhorn"``; BADMM and BADMM-Q run eager and
+            refuse it). If :obj:`True`, Sinkhorn's iterations (and their adjoints in the lean
             backward) run as kernels compiled by :func:`torch.compile` with dynamic shapes, the layer
             itself staying eager; the first call compiles them (tens of seconds on a CPU), later calls
             of any batch size reuse them. On the CPU the gain is modest (see
-            :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``); the structure term
-            of BADMM and :obj:`memory_efficient` ``=False`` stay eager. Prefer it to
-            :func:`torch.compile` of the whole layer, which ``docs/bench`` measures slower than eager.
-            (default: :obj:`False`)
+            :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``);
+            :obj:`memory_efficient` ``=False`` stays eager. Prefer it to :func:`torch.compile` of the
+            whole layer, which ``docs/bench`` measures slower than eager. (default: :obj:`False`)
 
     Examples:
         >>> import torch

@@ -85,6 +85,9 @@ class SolverOptions:
                 raise ValueError(f"'{name}' must be an integer >= 1 (got {count!r})")
         if not isinstance(self.compile, bool):
             raise ValueError(f"'compile' must be a bool (got {self.compile!r})")
+        if self.compile and self.solver != 'sinkhorn':
+            raise ValueError(f"compile=True is implemented for solver='sinkhorn' only (got solver="
+                             f"'{self.solver}'); BADMM's iterations run eager")
         for name in VALUES:
             self._check_value(name)
         return self
@@ -258,12 +261,12 @@ def _solve(x: Tensor, segments: Segments, options: SolverOptions, log_p: Tensor,
         return sinkhorn_pool(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient, compile)
     elif options.solver == 'sinkhorn':
         log_plan = sinkhorn_log_plan(x, segments, eps, lam_p, lam_q, log_p, log_q, memory_efficient, compile)
-    elif structured:  # the structure term's BADMM stays eager (BADMMProblem.compiled)
+    elif structured:  # BADMM runs eager (validate refuses compile=True for it)
         log_plan = rot_badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), value('gw'),
                                       log_p, log_q, memory_efficient, quadratic=options.solver == 'badmm_q')
     else:  # pooled from the solver's last plan where asked: the pooling's backward is part of its adjoint
         return badmm_log_plan(x, segments, eps, lam_p, lam_q, value('rho'), log_p, log_q, memory_efficient,
-                              quadratic=options.solver == 'badmm_q', pool=pool, compile=compile)
+                              quadratic=options.solver == 'badmm_q', pool=pool)
     return pool_log_plan(x, log_plan, segments) if pool else log_plan
 
 
@@ -329,19 +332,18 @@ def uot_plan(
             with ``gw`` and Sinkhorn).
         inner_iters (int): Sinkhorn iterations ``J`` per outer step of proximal Sinkhorn (used only
             with ``gw``).
-        compile (bool): If :obj:`True`, each solver iteration, and in the lean backward
-            (:obj:`memory_efficient`) each iteration's recomputation and adjoint, runs as a kernel compiled
-            by :func:`torch.compile` (``fullgraph=True, dynamic=True``; the solvers'
-            :class:`~torch.autograd.Function` s stay eager): fused passes over the ``(N, D)`` data in
-            place of dozens of operations each. The first call compiles (tens of seconds on a CPU for
-            a solver's two or three graphs, kept for the process, and by the compiler's cache on disk);
-            later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On the CPU the gain is modest,
-            the iterations being bound by their exponentials, which the fused loops partly recompute
-            where eager keeps them, and the BADMMs' kernels allocate two or three ``(N, D)``
-            temporaries per call, which a fixed small mmap threshold makes costly
-            (``docs/solvers.md``, ``docs/bench``). Plain autograd
-            (``memory_efficient=False`` with gradients, which double backward needs and compiled
-            graphs do not give) and BADMM's structure term (``gw``) stay eager, and inside a graph that
+        compile (bool): Sinkhorn only (``solver='sinkhorn'``, proximal Sinkhorn's inner iterations
+            included; BADMM and BADMM-Q run eager and refuse it). If :obj:`True`, each Sinkhorn
+            iteration, and in the lean backward (:obj:`memory_efficient`) each iteration's adjoint, runs
+            as a kernel compiled by :func:`torch.compile` (``fullgraph=True, dynamic=True``; the
+            solvers' :class:`~torch.autograd.Function` s stay eager and call the same iteration bodies
+            as without it): fused passes over the ``(N, D)`` data in place of dozens of operations
+            each. The first call compiles (tens of seconds on a CPU, kept for the process, and by the
+            compiler's cache on disk); later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On
+            the CPU the gain is modest, the iterations being bound by their exponentials, which the
+            fused loops partly recompute where eager keeps them (``docs/solvers.md``,
+            ``docs/bench``). Plain autograd (``memory_efficient=False`` with gradients, which double
+            backward needs and compiled graphs do not give) stays eager, and inside a graph that
             :func:`torch.compile` traces as a whole the option does nothing.
 
     Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a tensor of
@@ -402,7 +404,8 @@ def uot_pool(
     r"""UOT-Pooling: :math:`z_b = D \sum_{n \in b} x_n \odot T_n` for every set, with the plan
     :math:`T` of :func:`uot_plan`.
 
-    Takes the arguments of :func:`uot_plan`, with the same defaults. An empty set gives a zero row;
+    Takes the arguments of :func:`uot_plan`, with the same defaults (:obj:`compile` with
+    ``solver='sinkhorn'`` only: BADMM and BADMM-Q run eager). An empty set gives a zero row;
     ``x`` with no feature columns gives the empty ``(B, 0)`` result. Half inputs are solved in
     float32; the output has the dtype of ``x`` (float32 for half inputs under autocast).
 

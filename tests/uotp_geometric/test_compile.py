@@ -3,8 +3,9 @@ no recompilation for new batch sizes.
 
 Eager is the reference here (it is checked against dense float64 references and POT elsewhere). The kernels
 are compiled with ``fullgraph=True``, so a graph break would raise; the counters of dynamo are checked too.
-Each solver's kernels compile once per process (a few seconds to half a minute each on a CPU), so the cases
-are few and small; all but Sinkhorn's scaling domain are marked slow in ``tests/conftest.py``.
+``compile=True`` covers Sinkhorn only (BADMM and BADMM-Q refuse it: ``test_validation.py``). Each kernel
+compiles once per process (a few seconds to half a minute on a CPU), so the cases are few and small; all but
+Sinkhorn's scaling domain are marked slow in ``tests/conftest.py``.
 """
 import pytest
 import torch
@@ -51,17 +52,13 @@ def _close(actual, expected, rtol):
 
 # Each case: the layer's arguments, and the kernels (module.function) it must have compiled.
 SCALING = ['sinkhorn_scaling._kernel', 'sinkhorn_scaling._scaling_step', 'sinkhorn_scaling._scaling_adjoint_step']
-BADMM = ['compiled.badmm_step_', 'compiled.badmm_adjoint_']
 CASES = {
     'sinkhorn': (dict(solver='sinkhorn'), SCALING),  # the scaling domain (one eps, on the CPU)
     'sinkhorn_gw': (dict(solver='sinkhorn', gw=0.3), SCALING),  # proximal Sinkhorn's inner iterations
-    'badmm_gw': (dict(solver='badmm', eps=0.5, gw=0.3), []),  # the structure term stays eager
 }
 SLOW_CASES = {  # each compiles kernels of its own, for a few seconds (warm cache) to half a minute
     'sinkhorn_log': (dict(solver='sinkhorn', eps=(1.0, 0.7, 0.5, 0.5)),  # one eps per iteration: the log domain
                      ['sinkhorn.sinkhorn_step', 'sinkhorn._adjoint_step']),
-    'badmm': (dict(solver='badmm', eps=0.5), BADMM),
-    'badmm_q': (dict(solver='badmm_q', eps=0.5), BADMM),
 }
 
 
@@ -71,7 +68,7 @@ def test_compiled_matches_eager(case):
 
 
 @pytest.mark.parametrize('case', list(SLOW_CASES))
-def test_compiled_badmm_and_log_domain_match_eager(case):
+def test_compiled_log_domain_matches_eager(case):
     _check(*SLOW_CASES[case])
 
 
@@ -119,15 +116,14 @@ def test_rows_grouped_by_set():
     _close(results[1][1], results[0][1], 1e-5)
 
 
-@pytest.mark.parametrize('solver', ['sinkhorn', 'badmm'])
-def test_compiled_plan_matches_eager(solver):
-    # The plan itself (no pooling): the BADMM adjoint starts from the plan's gradient instead of the pooling's.
+def test_compiled_plan_matches_eager():
+    # The plan itself (no pooling): the adjoint starts from the plan's gradient instead of the pooling's.
     x, index = ragged_batch([4, 0, 3, 6], 5, dtype=torch.float32, shuffle=True)
     weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     results = []
     for compile in (False, True):
         leaf, eps = x.clone().requires_grad_(), torch.tensor(0.5, requires_grad=True)
-        plan = uot_plan(leaf, index, solver=solver, eps=eps, lam_q=2.0, compile=compile)
+        plan = uot_plan(leaf, index, eps=eps, lam_q=2.0, compile=compile)
         (plan * weight).sum().backward()
         results.append((plan.detach(), leaf.grad, eps.grad))
     for got, expected, rtol in zip(results[1], results[0], (1e-5, 1e-5, 1e-4)):

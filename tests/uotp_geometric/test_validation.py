@@ -28,6 +28,20 @@ def test_constructor_rejects(kwargs, match):
         UOTAggregation(**kwargs)
 
 
+@pytest.mark.parametrize('call', [uot_plan, uot_pool])
+@pytest.mark.parametrize('solver', ['badmm', 'badmm_q'])
+def test_compile_is_sinkhorns_only(call, solver):
+    # BADMM's iterations have no compiled kernels: compile=True is refused, not silently ignored.
+    x, index = torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 2])
+    message = (rf"compile=True is implemented for solver='sinkhorn' only \(got solver='{solver}'\); "
+               r"BADMM's iterations run eager")
+    with pytest.raises(ValueError, match=message):
+        call(x, index, solver=solver, compile=True)
+    with pytest.raises(ValueError, match=message):
+        UOTAggregation(solver=solver, compile=True)
+    assert UOTAggregation(solver=solver, compile=False).compile is False
+
+
 def test_badmm_accepts_zero_eps():
     assert UOTAggregation(solver='badmm', eps=0.0).value('eps').item() == 0.0
 
@@ -92,6 +106,7 @@ def test_nan_input_is_an_error_in_debug_mode():
 @pytest.mark.parametrize('kwargs', [
     dict(eps=0.0), dict(solver='badmm', rho=-1.0), dict(lam_q=[1.0, -1.0, 1.0, 1.0]),
     dict(eps=[1.0, 2.0]), dict(gw=INF), dict(inner_iters=0), dict(solver='ipot'), dict(compile=1),
+    dict(solver='badmm', compile=True), dict(solver='badmm_q', compile=True),
 ])
 def test_layer_and_functional_refuse_alike(kwargs):
     # One set of checks (SolverOptions.validate) serves both forms: the same message.

@@ -38,7 +38,6 @@ from torch import Tensor
 
 from uotp_geometric.segment import Segments, segment_exp, segment_max, segment_sum
 from uotp_geometric.solvers.common import MAX_LOG_MASS, hardness, pool_log_plan
-from uotp_geometric.solvers.compiled import badmm_adjoint_, badmm_step_, compiled, iteration_value
 from uotp_geometric.solvers.structure import (SetBlocks, Structure, structure_product,
                                               structure_product_vjp)
 
@@ -74,31 +73,13 @@ def badmm_coefficients(eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor, g
 class BADMMProblem(NamedTuple):
     r"""What every iteration reads: the features :obj:`x` ``(N, D)`` and their :obj:`segments`, the log
     priors :obj:`log_p` ``(B, D)`` and :obj:`log_q` ``(N,)``, the coefficients
-    (:func:`badmm_coefficients`) and the :obj:`structure` of spec §6 (``None`` without it). With
-    :obj:`compile`, the iterations and their adjoints run as the compiled kernels of
-    :mod:`uotp_geometric.solvers.compiled` (save with the structure term: see :attr:`compiled`)."""
+    (:func:`badmm_coefficients`) and the :obj:`structure` of spec §6 (``None`` without it)."""
     x: Tensor
     segments: Segments
     log_p: Tensor
     log_q: Tensor
     coef: BADMMCoefficients
     structure: Optional[Structure]
-    compile: bool = False
-
-    @property
-    def compiled(self) -> bool:
-        r"""Whether the compiled kernels run: with :obj:`compile` and without the structure term, whose
-        per-set products run over a list of buckets whose number and shapes change from batch to batch (a
-        graph per batch) and whose ``O(N D^2)`` matrix products, not the elementwise passes that compiling
-        fuses, dominate its cost."""
-        return self.compile and self.structure is None
-
-    def kernel_args(self, k: int) -> Tuple[Any, ...]:
-        r"""The problem's data and iteration :obj:`k`'s coefficients, as the compiled kernels take them:
-        ``(x, index, num_sets, log_p, log_q)`` and ``(rho, scale, h_q, h_p, delta)``, 0-d tensors. Each is
-        a copy (:func:`~uotp_geometric.solvers.compiled.iteration_value`)."""
-        values = [None if c is None else iteration_value(c, k, True) for c in self.coef[:4] + self.coef[5:]]
-        return (self.x, self.segments.index, self.segments.num_sets, self.log_p, self.log_q), tuple(values)
 
     def linear(self, k: int, plan: Tensor) -> Tensor:
         r""":math:`L_k(Y)` (only where :attr:`BADMMCoefficients.linear`)."""
@@ -164,16 +145,11 @@ def badmm_step(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor) -> Tuple
     return log_s, dual + rho * (plan_t - plan_s)
 
 
-def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Optional[Tensor], plan: Tensor) -> None:
+def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Tensor, plan: Tensor) -> None:
     r"""Iteration :obj:`k` of :func:`badmm_step` in place: ``(log S, Z)`` in :obj:`log_s` and :obj:`dual`
     become the next state, and :obj:`plan` holds :math:`S` on entry (read only where :math:`L` acts)
     and the new :math:`S` on return; :obj:`work` is scratch. Four ``(N, D)`` buffers, nothing else of
-    that size is allocated (save :math:`C_N S C_D`). Where :attr:`BADMMProblem.compiled`, the compiled
-    kernel :func:`~uotp_geometric.solvers.compiled.badmm_step_` runs instead (without :obj:`work`)."""
-    if prob.compiled:
-        data, values = prob.kernel_args(k)
-        compiled(badmm_step_)(*data, log_s, dual, plan, *values)
-        return
+    that size is allocated (save :math:`C_N S C_D`)."""
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
     torch.sub(prob.x, dual, out=work)
@@ -238,22 +214,17 @@ def _iterate(prob: BADMMProblem, stride: int = 0) -> Tuple[Tensor, Tensor, Optio
     heap, so that freeing it returns the memory instead of leaving a hole in the heap."""
     num_iters = prob.coef.rho.numel()
     log_s = _initial_log_s(prob)
-    if prob.compiled:  # the kernel writes its buffers, which must not share an allocation
-        dual, work, plan = torch.zeros_like(log_s), None, torch.empty_like(log_s)
-    else:
-        dual, work, plan = log_s.new_empty((3, *log_s.shape)).unbind(0)
-        dual.zero_()
+    dual, work, plan = log_s.new_empty((3, *log_s.shape)).unbind(0)
+    dual.zero_()
     if prob.coef.linear:
         torch.exp(log_s, out=plan)
     kept = None
-    if stride and prob.compiled:  # the kernels' inputs, each its own allocation (see _Workspace)
-        kept = [(torch.empty_like(log_s), torch.empty_like(log_s)) for _ in range(math.ceil(num_iters / stride) - 1)]
-    elif stride:
+    if stride:
         kept = log_s.new_empty((math.ceil(num_iters / stride) - 1, 2, *log_s.shape))
     for k in range(num_iters):
         if stride and k and k % stride == 0:
-            kept[k // stride - 1][0].copy_(log_s)
-            kept[k // stride - 1][1].copy_(dual)
+            kept[k // stride - 1, 0].copy_(log_s)
+            kept[k // stride - 1, 1].copy_(dual)
         _step_(prob, k, log_s, dual, work, plan)
     return log_s, plan, kept
 
@@ -265,15 +236,8 @@ def _pool_(prob: BADMMProblem, plan: Tensor) -> Tensor:
 
 class _Workspace:
     r"""The ``(N, D)`` buffers of the backward, carved from one allocation (see :func:`_iterate`): the
-    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write.
-    For the compiled kernels, only the gradients, the plan of :func:`_kept_states` and a zero dual, each
-    its own allocation (the kernels write them)."""
-    def __init__(self, like: Tensor, compiled: bool = False) -> None:
-        if compiled:
-            self.grad_log_s, self.grad_dual, self.plan_s = (torch.empty_like(like) for _ in range(3))
-            self.zero = torch.zeros_like(like)
-            self.g = self.e_t = self.e_s = self.plan_t = None
-            return
+    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write."""
+    def __init__(self, like: Tensor) -> None:
         (self.grad_log_s, self.grad_dual, self.g, self.e_t, self.e_s, self.plan_t,
          self.plan_s) = like.new_empty((7, *like.shape)).unbind(0)
 
@@ -448,23 +412,6 @@ def _kept_states(prob: BADMMProblem, start: int, stop: int, stride: int, first: 
     return states
 
 
-def _compiled_adjoint(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tensor]], ws: _Workspace,
-                      grads: _Grads, grad_pool: Optional[Tensor]) -> None:
-    r""":func:`_recompute`, :func:`_pool_adjoint` (with :obj:`grad_pool`) and :func:`_adjoint_step` of iteration
-    :obj:`k` as one compiled kernel (:func:`~uotp_geometric.solvers.compiled.badmm_adjoint_`); the zero dual
-    of the first iteration is :obj:`ws`'s."""
-    data, values = prob.kernel_args(k)
-    log_s, dual = state
-    coef_parts, grad_log_p, grad_log_q = compiled(badmm_adjoint_)(
-        *data, log_s, ws.zero if dual is None else dual, ws.grad_log_s, ws.grad_dual, grads.x, *values, grad_pool)
-    gc = grads.coef
-    for total, part in zip((gc.rho, gc.scale, gc.h_q, gc.h_p, gc.delta), coef_parts):
-        if total is not None:
-            total[k] += part.sum()
-    grads.log_p.add_(grad_log_p)
-    grads.log_q.add_(grad_log_q)
-
-
 class _Reverse(NamedTuple):
     r"""The backward of :class:`_BADMMIterations` below its first level (:func:`_checkpoint_strides`)."""
     prob: BADMMProblem
@@ -477,13 +424,9 @@ class _Reverse(NamedTuple):
     def span(self, start: int, stop: int, first: Tuple[Tensor, Optional[Tensor]], level: int) -> None:
         r"""Backpropagates through iterations ``start`` to ``stop - 1`` from the state entering them."""
         if stop - start == 1:
-            grad_pool = self.grad_pool if stop == self.prob.coef.rho.numel() else None
-            if self.prob.compiled:
-                _compiled_adjoint(self.prob, start, first, self.ws, self.grads, grad_pool)
-                return
             inner = _recompute(self.prob, start, *first, self.ws)
-            if grad_pool is not None:
-                _pool_adjoint(self.prob, inner, self.ws, self.grads, grad_pool)
+            if self.grad_pool is not None and stop == self.prob.coef.rho.numel():
+                _pool_adjoint(self.prob, inner, self.ws, self.grads, self.grad_pool)
             _adjoint_step(self.prob, start, first, inner, self.ws, self.grads)
             return
         stride = self.strides[level]
@@ -503,33 +446,23 @@ class _BADMMIterations(torch.autograd.Function):
     the seven buffers of one :class:`_Workspace`. Differentiable once (no double backward).
     """
     @staticmethod
-    def forward(ctx: Any, pool: bool, compile: bool, x: Tensor, segments: Segments, blocks: Optional[SetBlocks],
-                log_p: Tensor, log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
-        prob = _problem(x, segments, blocks, log_p, log_q, values, compile)
+    def forward(ctx: Any, pool: bool, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
+                log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
+        prob = _problem(x, segments, blocks, log_p, log_q, values)
         ctx.strides = _checkpoint_strides(prob.coef.rho.numel())
         log_s, plan, kept = _iterate(prob, ctx.strides[0])
-        ctx.pool, ctx.compile, ctx.segments, ctx.blocks = pool, compile, segments, blocks
-        kept_tensors = [t for state in kept for t in state] if isinstance(kept, list) else [kept]
-        ctx.num_kept = len(kept_tensors)
-        ctx.save_for_backward(x, log_p, log_q, *kept_tensors, *values)
+        ctx.pool, ctx.segments, ctx.blocks = pool, segments, blocks
+        ctx.save_for_backward(x, log_p, log_q, kept, *values)
         return _pool_(prob, plan) if pool else log_s
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, log_p, log_q, *saved = ctx.saved_tensors
-        kept_tensors, values = saved[:ctx.num_kept], saved[ctx.num_kept:]
-        prob = _problem(x, ctx.segments, ctx.blocks, log_p, log_q, values, ctx.compile)
-        # The kept states: one (n, 2, N, D) tensor, or for the compiled kernels n pairs.
-        kept = list(zip(kept_tensors[::2], kept_tensors[1::2])) if prob.compiled else kept_tensors[0]
+        x, log_p, log_q, kept, *values = ctx.saved_tensors
+        prob = _problem(x, ctx.segments, ctx.blocks, log_p, log_q, values)
         grads = _Grads(prob)
         strides, num_iters = ctx.strides, prob.coef.rho.numel()
-        if prob.compiled:  # states the kernel writes, each its own allocation
-            slots = [[(torch.empty_like(x), torch.empty_like(x)) for _ in range(math.ceil(outer / inner) - 1)]
-                     for outer, inner in zip(strides, strides[1:])]
-        else:
-            slots = [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape))
-                     for outer, inner in zip(strides, strides[1:])]
-        ws = _Workspace(x, prob.compiled)
+        slots = [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape)) for outer, inner in zip(strides, strides[1:])]
+        ws = _Workspace(x)
         if not ctx.pool:
             ws.grad_log_s.copy_(grad_out)
         ws.grad_dual.zero_()
@@ -541,17 +474,17 @@ class _BADMMIterations(torch.autograd.Function):
         # The initial state log S = log q + log p.
         grads.log_q.add_(ws.grad_log_s.sum(dim=-1))
         grads.log_p.add_(segment_sum(ws.grad_log_s, prob.segments))
-        return (None, None, grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
+        return (None, grads.x, None, None, grads.log_p, grads.log_q, *grads.coef, *grads.node, *grads.gram)
 
 
 def _problem(x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor, log_q: Tensor,
-             values: Tuple[Optional[Tensor], ...], compile: bool = False) -> BADMMProblem:
+             values: Tuple[Optional[Tensor], ...]) -> BADMMProblem:
     r"""Reassembles a :class:`BADMMProblem` from the flat tensor arguments of :class:`_BADMMIterations`: the six
     coefficients, then the structure's per-bucket :math:`\tilde X` and :math:`\tilde C_D`."""
     coef, st_tensors = BADMMCoefficients(*values[:6]), values[6:]
     num_buckets = len(st_tensors) // 2
     st = None if blocks is None else Structure(list(st_tensors[:num_buckets]), list(st_tensors[num_buckets:]), blocks)
-    return BADMMProblem(x, segments, log_p, log_q, coef, st, compile)
+    return BADMMProblem(x, segments, log_p, log_q, coef, st)
 
 
 def badmm_log_plan(
@@ -568,7 +501,6 @@ def badmm_log_plan(
     gw: Optional[Tensor] = None,
     quadratic: bool = False,
     pool: bool = False,
-    compile: bool = False,
 ) -> Tensor:
     r"""Solves, for every set :math:`b` of the batch, the unbalanced OT problem
 
@@ -597,21 +529,16 @@ def badmm_log_plan(
     With :obj:`pool`, it returns the pooled vectors :math:`z_b = D \sum_{n \in b} x_n \odot S_n`, shape
     ``(B, D)``, instead, read from the last :math:`S`: the lean backward then runs the pooling's adjoint
     itself, and no ``(N, D)`` plan outlives the forward.
-
-    With :obj:`compile`, each in-place iteration, and in the lean backward each iteration's recomputation and
-    adjoint, run as one compiled kernel (:mod:`uotp_geometric.solvers.compiled`); plain autograd
-    (:obj:`memory_efficient` ``=False``, which double backward needs and compiled graphs do not give) and
-    the structure term (:attr:`BADMMProblem.compiled`) stay eager.
     """
-    prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic, compile)
+    prob = _problem_of(x, segments, eps, lam_p, lam_q, rho, log_p, log_q, structure, gw, quadratic)
     return _solve(prob, memory_efficient, pool)
 
 
 def _problem_of(x: Tensor, segments: Segments, eps: Tensor, lam_p: Tensor, lam_q: Tensor, rho: Tensor,
                 log_p: Tensor, log_q: Tensor, structure: Optional[Structure], gw: Optional[Tensor],
-                quadratic: bool, compile: bool = False) -> BADMMProblem:
+                quadratic: bool) -> BADMMProblem:
     coef = badmm_coefficients(eps, lam_p, lam_q, rho, gw if structure is not None else None, quadratic)
-    return BADMMProblem(x, segments, log_p, log_q, coef, structure, compile)
+    return BADMMProblem(x, segments, log_p, log_q, coef, structure)
 
 
 def _solve(prob: BADMMProblem, memory_efficient: bool, pool: bool) -> Tensor:
@@ -630,5 +557,5 @@ def _solve(prob: BADMMProblem, memory_efficient: bool, pool: bool) -> Tensor:
             log_s, dual = badmm_step(prob, k, log_s, dual)
         return pool_log_plan(prob.x, log_s, prob.segments) if pool else log_s
     blocks = None if st is None else st.blocks
-    return _BADMMIterations.apply(pool, prob.compile, prob.x, prob.segments, blocks, prob.log_p, prob.log_q, *prob.coef,
+    return _BADMMIterations.apply(pool, prob.x, prob.segments, blocks, prob.log_p, prob.log_q, *prob.coef,
                                   *st_tensors)

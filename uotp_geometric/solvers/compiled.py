@@ -1,22 +1,28 @@
-r"""Compiled kernels: the per-iteration bodies of the solvers, for :func:`torch.compile` (``compile=True``).
+r"""Compiled kernels for ``compile=True``: the cache of the functions compiled by :func:`torch.compile`, and
+the helpers the kernels share.
 
-The solvers' :class:`torch.autograd.Function` s stay eager; what they call per iteration (BADMM's step, its
-backward's recomputation and adjoint step, Sinkhorn's iteration bodies forward and backward) is a pure
-tensor function here, compiled once per function with ``fullgraph=True`` (a graph break is an error, not a
-silent slow path) and ``dynamic=True`` (one graph for all ``N``, ``B``, ``D``). Each takes its iteration's
-coefficients as 0-d tensors, so neither the iteration index nor ``K`` enters a graph; Python values that do
-(``None`` for an absent term, the dtype) select one more graph each. Reductions over the sets trace as native
-:func:`torch.Tensor.index_add` and :func:`torch.Tensor.scatter_reduce` on the index, whatever
+``compile=True`` covers Sinkhorn (:mod:`~uotp_geometric.solvers.sinkhorn`,
+:mod:`~uotp_geometric.solvers.sinkhorn_scaling`, and proximal Sinkhorn's inner iterations): its solvers'
+:class:`torch.autograd.Function` s stay eager, and what they call per iteration, forward and backward, is a
+pure tensor function of those modules that runs eager or, through :func:`compiled`, as a kernel compiled once
+per function with ``fullgraph=True`` (a graph break is an error, not a silent slow path) and ``dynamic=True``
+(one graph for all ``N``, ``B``, ``D``): the same body either way. Each takes its iteration's coefficients as
+0-d tensors (:func:`iteration_value`), so neither the iteration index nor ``K`` enters a graph; Python values
+that do (``None`` for an absent buffer, the dtype) select one more graph each. Reductions over the sets trace
+as native :func:`torch.Tensor.index_add` and :func:`torch.Tensor.scatter_reduce` on the index, whatever
 :mod:`uotp_geometric.segment`'s backend (a third-party scatter would break the graph).
+
+BADMM and BADMM-Q run eager (``SolverOptions.validate`` refuses ``compile=True`` for them): their in-place
+iterations and adjoint are not written as such pure functions, and compiling them needed a second
+implementation of the iteration and its adjoint, for a modest gain (``docs/solvers.md``).
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict
 
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from uotp_geometric.segment import Segments, segment_max, segment_sum
-from uotp_geometric.solvers.common import MAX_LOG_MASS
+from uotp_geometric.segment import Segments
 
 _COMPILED: Dict[Callable, Callable] = {}
 
@@ -60,66 +66,6 @@ def iteration_value(values: Tensor, k: int, compile: bool) -> Tensor:
     return values[k].clone() if compile else values[k]
 
 
-def _row_shift(g: Tensor) -> Tensor:
-    shift = g.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-
-
-def _marginal(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tuple[Tensor, Tensor]:
-    # The block's capped log-marginal, and where its cap does not bind.
-    uncapped = (1 - h) * log_total + h * log_prior
-    return uncapped.clamp(max=MAX_LOG_MASS), uncapped <= MAX_LOG_MASS
-
-
-class _BADMMInternals:
-    r"""Iteration ``k`` of :func:`~uotp_geometric.solvers.badmm.badmm_step` from ``(log S, Z)`` (and
-    ``S = exp(log S)`` where :math:`\delta` acts), as :func:`~uotp_geometric.solvers.badmm._recompute` names
-    its parts; the compiled graph keeps of them only what its consumers read."""
-    def __init__(self, x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q: Tensor, log_s: Tensor,
-                 dual: Tensor, plan_in: Optional[Tensor], rho: Tensor, scale: Tensor, h_q: Tensor, h_p: Tensor,
-                 delta: Optional[Tensor]) -> None:
-        g = x - dual
-        if delta is not None:
-            g = g + plan_in * delta
-        g = g / rho + log_s
-        shift_r = _row_shift(g)
-        e_t = (g - shift_r).exp()
-        row_total = e_t.sum(dim=-1, keepdim=True)
-        log_row_total = row_total.log()
-        log_r = log_row_total + shift_r
-        log_eta, eta_free = _marginal(log_r, h_q, log_q.unsqueeze(-1))
-        row_factor = (log_eta - log_row_total).exp()
-        plan_t = e_t * row_factor
-        h = (g + (log_eta - log_r)) * rho + dual
-        if delta is not None:
-            h = h + plan_t * delta
-        h = h * scale
-        segments = Segments(index, num_sets)
-        shift_c = segment_max(h, segments)
-        e_s = (h - shift_c.index_select(0, index)).exp()
-        col_total = segment_sum(e_s, segments).clamp_min(torch.finfo(h.dtype).tiny)
-        log_col_total = col_total.log()
-        log_c = log_col_total + shift_c
-        log_mu, mu_free = _marginal(log_c, h_p, log_p)
-        self.g, self.e_t, self.row_total, self.log_r, self.log_eta, self.eta_free = (
-            g, e_t, row_total, log_r, log_eta, eta_free)
-        self.plan_t, self.h, self.e_s, self.col_total, self.log_c, self.log_mu, self.mu_free = (
-            plan_t, h, e_s, col_total, log_c, log_mu, mu_free)
-        self.log_s_next = h + (log_mu - log_col_total - shift_c).index_select(0, index)
-        self.plan_s = e_s * (log_mu - log_col_total).exp().index_select(0, index)
-
-
-def badmm_step_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q: Tensor, log_s: Tensor, dual: Tensor,
-                plan: Tensor, rho: Tensor, scale: Tensor, h_q: Tensor, h_p: Tensor, delta: Optional[Tensor]) -> None:
-    r"""One BADMM iteration in place, as :func:`~uotp_geometric.solvers.badmm._step_` (``(log S, Z)`` in
-    :obj:`log_s` and :obj:`dual`, :math:`S` in :obj:`plan`, read on entry only where :obj:`delta` acts),
-    without the structure term. :obj:`delta` is BADMM-Q's :math:`\delta` (``None`` for BADMM)."""
-    it = _BADMMInternals(x, index, num_sets, log_p, log_q, log_s, dual, plan, rho, scale, h_q, h_p, delta)
-    dual.copy_(dual + it.plan_t * rho - it.plan_s * rho)
-    log_s.copy_(it.log_s_next)
-    plan.copy_(it.plan_s)
-
-
 def dot(a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\langle a, b \rangle` as a tensor whose sum it is: eager, the 0-d dot product; in a compiled
     kernel, its partial sums over the rows (shape ``(a.size(0),)``), for the caller to add up. The compiler
@@ -129,63 +75,3 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return (a * b).reshape(a.size(0), -1).sum(dim=-1)
     return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-def badmm_adjoint_(x: Tensor, index: Tensor, num_sets: int, log_p: Tensor, log_q: Tensor, log_s: Tensor,
-                   dual: Optional[Tensor], grad_log_s: Tensor, grad_dual: Tensor, grad_x: Tensor, rho: Tensor,
-                   scale: Tensor, h_q: Tensor, h_p: Tensor, delta: Optional[Tensor],
-                   grad_pool: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""The recomputation and adjoint of one BADMM iteration from its state ``(log S, Z)`` (``dual = None``
-    for zero), as :func:`~uotp_geometric.solvers.badmm._recompute` and
-    :func:`~uotp_geometric.solvers.badmm._adjoint_step` (and, with :obj:`grad_pool`, the pooling's adjoint
-    :func:`~uotp_geometric.solvers.badmm._pool_adjoint` before it): :obj:`grad_log_s` and :obj:`grad_dual`
-    become the gradients w.r.t. the state entering the iteration and :obj:`grad_x` gains the iteration's
-    share, in place. Returns the gradients w.r.t. ``(rho, scale, h_q, h_p, delta)``, each as partial sums
-    (:func:`dot`; ``delta``'s 0 without it), and the shares of ``log p`` and ``log q``."""
-    zero = torch.zeros_like(x) if dual is None else dual
-    plan_in = log_s.exp() if delta is not None else None
-    it = _BADMMInternals(x, index, num_sets, log_p, log_q, log_s, zero, plan_in, rho, scale, h_q, h_p, delta)
-    g_log_s = grad_log_s
-    if grad_pool is not None:  # z = D sum_n x S over the last S: D g S into x, D g x S into log S
-        grad = grad_pool.index_select(0, index) * x.size(-1) * it.plan_s
-        grad_x.add_(grad)
-        g_log_s = grad * x
-    plan_t, plan_s = it.plan_t, it.plan_s
-    d_rho = dot(grad_dual, plan_t) - dot(grad_dual, plan_s)
-    grad_h = plan_s * grad_dual * -rho + g_log_s
-    col = segment_sum(grad_h, Segments(index, num_sets))
-    pre_p = col * it.mu_free
-    d_h_p = dot(pre_p, log_p - it.log_c)
-    grad_log_p = h_p * pre_p
-    col_grad = ((1 - h_p) * pre_p - col) / it.col_total
-    grad_h = grad_h + it.e_s * col_grad.index_select(0, index)
-    dot_log_t = dot(grad_h, it.g) + dot(grad_h.sum(dim=-1, keepdim=True), it.log_eta - it.log_r)
-    d_scale = rho * dot_log_t
-    if dual is not None:
-        d_scale = d_scale + dot(grad_h, dual)
-    d_rho = d_rho + dot_log_t * scale
-    d_delta = torch.zeros_like(rho)
-    if delta is not None:
-        along = dot(grad_h, plan_t)
-        d_delta = d_delta + scale * along
-        d_scale = d_scale + delta * along
-        grad_log_t = plan_t * (grad_h * delta * scale + grad_dual * rho)
-    else:
-        grad_log_t = plan_t * grad_dual * rho
-    grad_h = grad_h * scale
-    new_grad_dual = grad_dual + grad_h
-    grad_log_t = grad_log_t + grad_h * rho
-    row = grad_log_t.sum(dim=-1, keepdim=True)
-    pre_q = row * it.eta_free
-    d_h_q = dot(pre_q, log_q.unsqueeze(-1) - it.log_r)
-    grad_log_q = h_q * pre_q.squeeze(-1)
-    grad_g = grad_log_t + it.e_t * (((1 - h_q) * pre_q - row) / it.row_total)
-    d_rho = d_rho - (dot(grad_g, it.g) - dot(grad_g, log_s)) / rho
-    grad_x.add_(grad_g / rho)
-    new_grad_dual = new_grad_dual - grad_g / rho
-    if delta is not None:
-        d_delta = d_delta + dot(grad_g, plan_in) / rho
-        grad_g = grad_g + grad_g * delta / rho * plan_in
-    grad_log_s.copy_(grad_g)
-    grad_dual.copy_(new_grad_dual)
-    return (d_rho, d_scale, d_h_q, d_h_p, d_delta), grad_log_p, grad_log_q
