@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 HAS_MEMORY_EFFICIENT = "memory_efficient" in inspect.signature(UOTAggregation).parameters
 DEFAULT_MODE: Optional[bool] = True if HAS_MEMORY_EFFICIENT else None
 MODES: tuple[Optional[bool], ...] = (True, False) if HAS_MEMORY_EFFICIENT else (None,)
-# The solvers' compiled kernels (an eager layer): UOTAggregation(compile=True), where the package has it.
+# Sinkhorn's compiled kernels (an eager layer): UOTAggregation(compile=True), where the package has it.
 HAS_COMPILE = "compile" in inspect.signature(UOTAggregation).parameters
 SOLVERS = ("sinkhorn", "badmm")
 LOGNORMAL_SIGMA = 1.0  # of log(set size): the largest of a few hundred sets is 4 to 13 times the mean
@@ -81,7 +81,7 @@ class Method:
     memory_efficient: Optional[bool] = None  # None: not applicable, or the keyword does not exist yet
     compiled: bool = False  # the whole module through torch.compile
     gw: float = 0.0  # ROT-Pooling's structure term (UOT only)
-    kernels: bool = False  # UOT only: the layer eager, its solver's iterations compiled (compile=True)
+    kernels: bool = False  # UOT Sinkhorn only: the layer eager, its solver's iterations compiled (compile=True)
 
     @property
     def label(self) -> str:
@@ -146,7 +146,7 @@ class Plan:
     memory_iters: Sequence[int] = (4, 32)
     memory_solvers: Sequence[str] = (*SOLVERS, "badmm_q")  # the memory target's solvers
     solvers: Sequence[str] = SOLVERS
-    compile_solvers: Sequence[str] = SOLVERS  # eager against compiled kernels (compile=True)
+    compile_solvers: Sequence[str] = ("sinkhorn",)  # eager against compiled kernels (compile=True: Sinkhorn only)
     module_compile_solvers: Sequence[str] = ("sinkhorn",)  # torch.compile of the whole layer, for contrast
     padded_max_elements: float = 2e8  # B * M * D * K above which padding is skipped (its memory)
     curve_batch: Batch = Batch(128, 30)  # the scaling curves vary its N, D or K

@@ -217,10 +217,11 @@ def write_outputs(df: pd.DataFrame, out: Path, info: dict[str, str], plan: Plan)
                   _section_table(memory, ["allocator"])]
     for config, group in df[df.section == "compile"].groupby("config", sort=False):
         parts += [f"## torch.compile: {config}",
-                  "`compiled kernels`: the layer eager with `compile=True`, its solver's iterations and their adjoints "
-                  "compiled; `compiled`: the whole module through `torch.compile`. The note is the first calls' "
-                  "compile and warm-up time; the kernels are compiled once per process (with dynamic shapes), so a "
-                  "later table's note is mostly warm-up.", _section_table(group)]
+                  "`compiled kernels`: the layer eager with `compile=True` (Sinkhorn only; BADMM runs eager), its "
+                  "solver's iterations and their adjoints compiled; `compiled`: the whole module through "
+                  "`torch.compile`. The note is the first calls' compile and warm-up time; the kernels are compiled "
+                  "once per process (with dynamic shapes), so a later table's note is mostly warm-up.",
+                  _section_table(group)]
     for config, group in df[df.section == "structure"].groupby("config", sort=False):
         parts += [f"## Structure term (ROT-Pooling): {config}",
                   "The same layer with `gw > 0` (proximal Sinkhorn: `K` outer steps of `inner_iters = 4` Sinkhorn "

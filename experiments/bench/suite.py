@@ -154,8 +154,9 @@ def run(plan: Plan, device: torch.device, threads: int) -> pd.DataFrame:
     for num_iters in plan.iters:
         rows += measure_group("scaling K", plan.curve_batch, curve(num_iters), device, plan, threads)
     _log("torch.compile")
-    # Per solver: eager and its compiled kernels (the layer eager: compile=True); for contrast, the whole layer
-    # through torch.compile (slower than eager in the runs before compile=True existed).
+    # Per solver (Sinkhorn: compile=True refuses the BADMMs): eager and its compiled kernels (the layer eager:
+    # compile=True); for contrast, the whole layer through torch.compile (slower than eager in the runs before
+    # compile=True existed).
     eager = [Method("UOT", s, 4, DEFAULT_MODE) for s in plan.compile_solvers]
     compiled = [*eager, *(replace(m, kernels=True) for m in eager if HAS_COMPILE),
                 *(Method("UOT", s, 4, DEFAULT_MODE, compiled=True) for s in plan.module_compile_solvers)]

@@ -61,6 +61,12 @@ def test_batch_sizes() -> None:
     assert skewed.max() > 5 * 30  # skewed: padding to the largest set wastes most of the batch
 
 
+def test_compiled_kernels_are_timed_for_sinkhorn_only() -> None:
+    # compile=True is Sinkhorn's only (UOTAggregation refuses it for the BADMMs): no kernels row for them.
+    for quick in (True, False):
+        assert tuple(bench.make_plan(quick).compile_solvers) == ("sinkhorn",)
+
+
 def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch, one_thread: int) -> None:
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nsecond line")
