@@ -81,13 +81,13 @@ class BADMMProblem(NamedTuple):
     coef: BADMMCoefficients
     structure: Optional[Structure]
 
-    def linear(self, k: int, plan: Tensor) -> Tensor:
-        r""":math:`L_k(Y)` (only where :attr:`BADMMCoefficients.linear`)."""
+    def linear(self, k: int, plan: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        r""":math:`L_k(Y)` (only where :attr:`BADMMCoefficients.linear`), into :obj:`out` if given."""
         gamma, delta = self.coef.gamma, self.coef.delta
-        out = None if gamma is None else gamma[k] * structure_product(self.structure, plan)
-        if delta is not None:
-            out = plan * delta[k] if out is None else out + plan * delta[k]
-        return out
+        if gamma is None:
+            return torch.mul(plan, delta[k], out=out)
+        out = torch.mul(structure_product(self.structure, plan), gamma[k], out=out)
+        return out if delta is None else out.addcmul_(plan, delta[k])
 
     def add_linear_(self, out: Tensor, k: int, plan: Tensor) -> Tensor:
         r"""Adds :math:`L_k(Y)` into :obj:`out` in place (the quadratic's share without a temporary)."""
@@ -244,8 +244,7 @@ class _Workspace:
 
 class _Internals(NamedTuple):
     r"""What the adjoint of iteration ``k`` reads, recomputed from the state entering it: three ``(N, D)``
-    tensors (four where :math:`L` acts) and per-row and per-(set, dim) values."""
-    plan_in: Optional[Tensor]  # S = exp(log S) entering, where L acts
+    tensors and per-row and per-(set, dim) values."""
     g: Tensor  # G
     e_t: Tensor  # exp(G - row shift)
     row_total: Tensor  # sum_d e_t, (N, 1)
@@ -262,10 +261,11 @@ class _Internals(NamedTuple):
 
 def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace) -> _Internals:
     r"""Iteration :obj:`k` of :func:`badmm_step` from its state (``dual = None`` for zero), into :obj:`ws`
-    (its ``plan_t`` is scratch)."""
+    (its ``plan_t`` is scratch, and ``plan_s`` holds :math:`S = \exp(\log S)` entering, where :math:`L`
+    acts, until the adjoint step overwrites it)."""
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
-    plan_in = log_s.exp() if coef.linear else None
+    plan_in = torch.exp(log_s, out=ws.plan_s) if coef.linear else None
     g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
     if coef.linear:
         prob.add_linear_(g, k, plan_in)
@@ -289,7 +289,7 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     log_c = col_total.log() + shift_c
     mu = _uncapped(log_c, coef.h_p[k], prob.log_p)
     log_mu = mu.clamp(max=MAX_LOG_MASS)
-    return _Internals(plan_in, g, e_t, row_total, log_r, log_eta, eta <= MAX_LOG_MASS, row_factor, e_s,
+    return _Internals(g, e_t, row_total, log_r, log_eta, eta <= MAX_LOG_MASS, row_factor, e_s,
                       col_total, log_c, mu <= MAX_LOG_MASS, (log_mu - col_total.log()).exp_())
 
 
@@ -303,10 +303,11 @@ class _Grads:
         self.node = [torch.zeros_like(t) for t in st.x_node] if st is not None else []
         self.gram = [torch.zeros_like(t) for t in st.gram] if st is not None else []
 
-    def linear(self, prob: BADMMProblem, k: int, plan: Tensor, grad: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    def linear(self, prob: BADMMProblem, k: int, plan: Tensor, grad: Tensor, weight: Tensor,
+               out: Tensor) -> Tuple[Tensor, Tensor]:
         r"""Backpropagates :obj:`weight` times :obj:`grad` through :math:`L_k(Y)` at :math:`Y =` :obj:`plan`
         into :math:`\gamma_k, \delta_k` and the structure. Returns :math:`L_k(A)` for :math:`A =` :obj:`grad`
-        (the gradient w.r.t. :math:`Y` up to :obj:`weight`: :math:`L` is self-adjoint) and
+        (the gradient w.r.t. :math:`Y` up to :obj:`weight`: :math:`L` is self-adjoint), written into :obj:`out`, and
         :math:`\langle A, L_k(Y) \rangle`."""
         gamma, delta = prob.coef.gamma, prob.coef.delta
         inner = torch.zeros_like(weight)
@@ -321,7 +322,7 @@ class _Grads:
             along = _dot(grad, plan)
             self.coef.delta[k] += weight * along
             inner = inner + delta[k] * along
-        return prob.linear(k, grad), inner
+        return prob.linear(k, grad, out=out), inner
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -356,7 +357,7 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
         gc.scale[k] += _dot(grad_h, dual)
     gc.rho[k] += dot_log_t * scale
     if coef.linear:
-        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale)
+        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale, out=inner.e_s)  # e_s is read no more
         gc.scale[k] += linear_dot
         grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
     else:
@@ -375,8 +376,10 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
     grads.x.addcdiv_(grad_g, rho)
     grad_dual.addcdiv_(grad_g, rho, value=-1)
     if coef.linear:
-        linear_grad, _ = grads.linear(prob, k, inner.plan_in, grad_g, rho.reciprocal())
-        grad_g.addcmul_(linear_grad.div_(rho), inner.plan_in)
+        # S entering, recomputed (its buffer held S' since): G and exp(G - shift) are read no more.
+        plan_in = torch.exp(log_s, out=inner.g)
+        linear_grad, _ = grads.linear(prob, k, plan_in, grad_g, rho.reciprocal(), out=inner.e_t)
+        grad_g.addcmul_(linear_grad.div_(rho), plan_in)
     ws.grad_log_s, ws.plan_t = grad_g, grad_log_s  # the gradient moved into the slot of T
 
 
