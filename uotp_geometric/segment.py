@@ -102,25 +102,14 @@ def sorted_segments(index: Tensor, num_sets: int) -> Tuple[Tensor, Segments]:
 def _reduce(src: Tensor, segments: Segments, reduce: str) -> Tensor:
     if segments.ptr is not None:
         return torch.segment_reduce(src, reduce, offsets=segments.ptr, axis=0)
-    if torch.compiler.is_compiling():
-        return _native_reduce(src, segments, reduce)
-    if reduce == 'sum' and _scatter is pyg_scatter:
+    # PyG's scatter traces under torch.compile; a third-party backend's custom op would break the graph.
+    scatter = pyg_scatter if torch.compiler.is_compiling() else _scatter
+    if reduce == 'sum' and scatter is pyg_scatter:
         # PyG's scatter broadcasts the index to src's shape for scatter_add_; index_add_ takes it
         # as it is: one op with the same result, and faster on the CPU.
         out = src.new_zeros((segments.num_sets, *src.shape[1:]))
         return out.index_add_(0, segments.index, src)
-    return _scatter(src, segments.index, 0, segments.num_sets, reduce)
-
-
-def _native_reduce(src: Tensor, segments: Segments, reduce: str) -> Tensor:
-    r"""The reduction in native operations, as :func:`torch.compile` traces it whatever the backend (a
-    third-party scatter would break the graph): an empty set sums to 0 and has the maximum ``-inf``,
-    which :func:`segment_max` makes 0 as the backends' result."""
-    if reduce == 'sum':
-        return src.new_zeros((segments.num_sets, *src.shape[1:])).index_add(0, segments.index, src)
-    index = segments.index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
-    out = src.new_full((segments.num_sets, *src.shape[1:]), -float('inf'))
-    return out.scatter_reduce(0, index, src, 'amax')
+    return scatter(src, segments.index, 0, segments.num_sets, reduce)
 
 
 def segment_sum(src: Tensor, segments: Segments) -> Tensor:
