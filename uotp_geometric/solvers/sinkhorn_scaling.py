@@ -165,16 +165,12 @@ def _scaling_step(kernel: Tensor, segments: Segments, shift_x: Tensor, shift_n: 
     # u: weights on the nodes, summed over each set's nodes per dim.
     col_shift = segment_max(shift_n + v, segments)
     col_weight = _col_weight(shift_n, v, col_shift, segments).unsqueeze(-1)
-    weighted = kernel * col_weight if scratch is None else torch.mul(kernel, col_weight, out=scratch)
-    col_sum = segment_sum(weighted, segments)
+    col_sum = segment_sum(torch.mul(kernel, col_weight, out=scratch), segments)
     u = c_p * (log_p - _lse_u(shift_x, col_shift, col_sum))
     # v: weights on the dims, summed over each node's dims.
     row_shift = (shift_x + u).amax(dim=-1, keepdim=True)
     row_weight = _row_weight(shift_x, u, row_shift)
-    if scratch is None:
-        row_sum = (kernel * segments.gather(row_weight)).sum(dim=-1)
-    else:
-        row_sum = torch.index_select(row_weight, 0, segments.index, out=scratch).mul_(kernel).sum(dim=-1)
+    row_sum = torch.index_select(row_weight, 0, segments.index, out=scratch).mul_(kernel).sum(dim=-1)
     v = c_q * (log_q - _lse_v(shift_n, row_shift, row_sum, segments))
     return u, v, col_sum, row_sum, col_shift, row_shift
 
@@ -241,21 +237,17 @@ def _scaling_adjoint_step(kernel: Tensor, segments: Segments, shift_x: Tensor, s
     grad_c_q = dot(gv, log_q - lse_v)
     grad_log_q = c_q * gv
     node_weight, dim_weight = (gv / row_sum).unsqueeze(-1), -c_q * row_weight
-    if buffers is None:
-        node, gathered = kernel * node_weight, segments.gather(dim_weight)
-    else:
-        node = torch.mul(kernel, node_weight, out=buffers[0])
-        gathered = torch.index_select(dim_weight, 0, segments.index, out=buffers[1])
+    node_out, gathered_out = (None, None) if buffers is None else buffers
+    node = torch.mul(kernel, node_weight, out=node_out)
+    gathered = torch.index_select(dim_weight, 0, segments.index, out=gathered_out)
     gu = gu - c_q * row_weight * segment_sum(node, segments)
     grad_logits.addcmul_(node, gathered)
     # u = c_p (log p - LSE_n A): du/dA = -c_p E_nd w_n / C_bd.
     grad_c_p = dot(gu, log_p - lse_u)
     grad_log_p = c_p * gu
     col_factor = gu / col_sum.clamp_min(torch.finfo(kernel.dtype).tiny)
-    if buffers is None:
-        dim = kernel * segments.gather(col_factor)
-    else:  # into the first buffer, whose node products are read no more
-        dim = torch.index_select(col_factor, 0, segments.index, out=buffers[0]).mul_(kernel)
+    # into the first buffer, whose node products are read no more
+    dim = torch.index_select(col_factor, 0, segments.index, out=node_out).mul_(kernel)
     gv = -c_p * col_weight * dim.sum(dim=-1)  # gradient of the previous v
     grad_logits.addcmul_(dim, (-c_p * col_weight).unsqueeze(-1))
     return gv, grad_c_p, grad_c_q, grad_log_p, grad_log_q
