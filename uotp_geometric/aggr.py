@@ -130,9 +130,10 @@ class UOTAggregation(Aggregation):
             exponent :math:`a \in [0, 1]` learned from :obj:`mass_exponent`; spec §8).
             (default: ``"uniform"``)
         channels (int, optional): Input feature size, for ``prior="attention"``. (default: :obj:`None`)
-        memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration instead of
-            storing it, so training memory hardly grows with :obj:`num_iters`; :obj:`False` uses
-            plain autograd through the unrolled iterations. (default: :obj:`True`)
+        memory_efficient (bool): If :obj:`True`, the backward is the solvers' hand-derived adjoint,
+            which recomputes what it needs instead of storing it (BADMM stores it where it fits in
+            256 MiB, which is faster), so training memory hardly grows with :obj:`num_iters`;
+            :obj:`False` uses plain autograd through the unrolled iterations. (default: :obj:`True`)
         gw (float or Tensor): Initial weight :math:`\gamma \geq 0` of the structure term; ``0`` runs
             plain UOT-Pooling and stays fixed. (default: ``0.0``)
         prox (float or Tensor): Initial proximal weight :math:`\tau \geq 0` of proximal Sinkhorn,

@@ -320,7 +320,8 @@ def uot_plan(
         memory_efficient (bool): If :obj:`True`, the backward recomputes each iteration's
             ``(N, D)`` work instead of storing it, so training memory hardly grows with ``K``
             (spec §5): Sinkhorn keeps ``O(N D + K (B D + N))``, the BADMMs every
-            ``ceil(sqrt(K))``-th state, ``O(sqrt(K) N D)``. :obj:`False` backpropagates
+            ``ceil(sqrt(K))``-th state, ``O(sqrt(K) N D)``, or, where ``5 K N D`` values fit in
+            256 MiB, everything their adjoint reads (faster). :obj:`False` backpropagates
             through the unrolled iterations with plain autograd, which also supports double
             backward.
         gw (float or Tensor): :math:`\gamma \geq 0`, the weight of ROT-Pooling's structure term

@@ -21,6 +21,7 @@ def _grads(solver, memory_efficient, x, index, values, p, q):
     return out, [t.grad for t in leaves]
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm'])
 @pytest.mark.parametrize('hard', [False, True])
 def test_memory_efficient_gradients_equal_autograd(solver, hard):
@@ -48,6 +49,7 @@ def test_memory_efficient_gradients_equal_autograd(solver, hard):
         torch.testing.assert_close(lean, plain, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm'])
 def test_gradcheck(solver):
     x, index = ragged_batch([3, 0, 4], 3, seed=5)
@@ -65,6 +67,7 @@ def test_gradcheck(solver):
     assert torch.autograd.gradcheck(pool, (x, eps, lam_p, lam_q, rho, q))
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm'])
 def test_module_parameters_get_the_same_gradients(solver):
     x, index = ragged_batch([5, 2, 7], 4, seed=6)

@@ -45,6 +45,7 @@ def _solve_sorted(x, index, solver, eps, gw, p, q, memory_efficient, pool):
     return out
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm', 'badmm_q'])
 @pytest.mark.parametrize('gw', [0.0, 0.5])
 @pytest.mark.parametrize('memory_efficient', [True, False])
@@ -65,6 +66,7 @@ def test_sorted_segments_match_dense_reference(solver, gw, memory_efficient):
         torch.testing.assert_close(pooled[b], x.size(-1) * (x[rows] * expected).sum(0), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['sinkhorn', 'badmm', 'badmm_q'])
 @pytest.mark.parametrize('gw', [0.0, 0.5])
 def test_sorted_segments_gradients_equal_autograd(solver, gw):

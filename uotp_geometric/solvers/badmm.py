@@ -186,6 +186,12 @@ def _segment_exp_(h: Tensor, segments: Segments, out: Tensor, gathered: Tensor) 
     return out, total.log_(), shift
 
 
+# The lean backward keeps what every iteration's adjoint reads (five (N, D) tensors each: the state entering
+# it and the three that _recompute makes) where that fits in this many bytes, and recomputes it otherwise:
+# at K = 4 keeping skips six of the fourteen passes over (N, D) that a forward and backward make.
+KEEP_BYTES = 256 * 2 ** 20
+
+
 def _checkpoint_strides(num_iters: int) -> List[int]:
     r"""The distances between the states that the lean backward keeps, one per level of recomputation.
 
@@ -236,10 +242,12 @@ def _pool_(prob: BADMMProblem, plan: Tensor) -> Tensor:
 
 class _Workspace:
     r"""The ``(N, D)`` buffers of the backward, carved from one allocation (see :func:`_iterate`): the
-    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write."""
-    def __init__(self, like: Tensor) -> None:
-        (self.grad_log_s, self.grad_dual, self.g, self.e_t, self.e_s, self.plan_t,
-         self.plan_s) = like.new_empty((7, *like.shape)).unbind(0)
+    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write.
+    Without :obj:`internals`, the three that :func:`_recompute` writes are left for the caller to set."""
+    def __init__(self, like: Tensor, internals: bool = True) -> None:
+        own = like.new_empty((7 if internals else 4, *like.shape)).unbind(0)
+        self.grad_log_s, self.grad_dual, self.plan_t, self.plan_s = own[:4]
+        self.g, self.e_t, self.e_s = own[4:] if internals else (None, None, None)
 
 
 class _Internals(NamedTuple):
@@ -259,10 +267,12 @@ class _Internals(NamedTuple):
     col_factor: Tensor  # S' = e_s * col_factor[index]
 
 
-def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace) -> _Internals:
+def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor], ws: _Workspace,
+               next_log_s: Optional[Tensor] = None) -> _Internals:
     r"""Iteration :obj:`k` of :func:`badmm_step` from its state (``dual = None`` for zero), into :obj:`ws`
     (its ``plan_t`` is scratch, and ``plan_s`` holds :math:`S = \exp(\log S)` entering, where :math:`L`
-    acts, until the adjoint step overwrites it)."""
+    acts, until the adjoint step overwrites it), and the :math:`\log S` leaving it into :obj:`next_log_s`
+    if given."""
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
     plan_in = torch.exp(log_s, out=ws.plan_s) if coef.linear else None
@@ -284,13 +294,17 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
         prob.add_linear_(h, k, torch.mul(e_t, row_factor, out=ws.plan_t))
     h.mul_(coef.scale[k])
     shift_c = segment_max(h, segments)
+    if next_log_s is not None:
+        next_log_s.copy_(h)  # log S' = H + log mu - log(col total) - shift: the rest is added below
     e_s = h.sub_(torch.index_select(shift_c, 0, segments.index, out=ws.plan_t)).exp_()
     col_total = segment_sum(e_s, segments).clamp_min_(torch.finfo(h.dtype).tiny)
     log_c = col_total.log() + shift_c
     mu = _uncapped(log_c, coef.h_p[k], prob.log_p)
-    log_mu = mu.clamp(max=MAX_LOG_MASS)
+    log_col_factor = mu.clamp(max=MAX_LOG_MASS) - col_total.log()
+    if next_log_s is not None:
+        next_log_s.add_(torch.index_select(log_col_factor - shift_c, 0, segments.index, out=ws.plan_t))
     return _Internals(g, e_t, row_total, log_r, log_eta, eta <= MAX_LOG_MASS, row_factor, e_s,
-                      col_total, log_c, mu <= MAX_LOG_MASS, (log_mu - col_total.log()).exp_())
+                      col_total, log_c, mu <= MAX_LOG_MASS, log_col_factor.exp())
 
 
 class _Grads:
@@ -357,7 +371,7 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
         gc.scale[k] += _dot(grad_h, dual)
     gc.rho[k] += dot_log_t * scale
     if coef.linear:
-        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale, out=inner.e_s)  # e_s is read no more
+        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale, out=ws.e_s)  # e_s is read no more
         gc.scale[k] += linear_dot
         grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
     else:
@@ -376,9 +390,10 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
     grads.x.addcdiv_(grad_g, rho)
     grad_dual.addcdiv_(grad_g, rho, value=-1)
     if coef.linear:
-        # S entering, recomputed (its buffer held S' since): G and exp(G - shift) are read no more.
-        plan_in = torch.exp(log_s, out=inner.g)
-        linear_grad, _ = grads.linear(prob, k, plan_in, grad_g, rho.reciprocal(), out=inner.e_t)
+        # S entering, recomputed (its buffer held S' since): G and exp(G - shift) are read no more. The
+        # scratch is the workspace's, which holds them when recomputed: kept ones stay for a second backward.
+        plan_in = torch.exp(log_s, out=ws.g)
+        linear_grad, _ = grads.linear(prob, k, plan_in, grad_g, rho.reciprocal(), out=ws.e_t)
         grad_g.addcmul_(linear_grad.div_(rho), plan_in)
     ws.grad_log_s, ws.plan_t = grad_g, grad_log_s  # the gradient moved into the slot of T
 
@@ -392,6 +407,32 @@ def _pool_adjoint(prob: BADMMProblem, inner: _Internals, ws: _Workspace, grads: 
     grad = torch.index_select(grad_out, 0, segments.index, out=ws.grad_log_s).mul_(prob.x.size(-1))
     grads.x.addcmul_(grad, plan)
     grad.mul_(plan).mul_(prob.x)
+
+
+def _iterate_keeping(prob: BADMMProblem) -> Tuple[Tensor, Tensor, List[Tuple[Tensor, Optional[Tensor]]],
+                                                   List[_Internals]]:
+    r"""All iterations, keeping what each one's adjoint reads: the state entering it and its
+    :func:`_recompute` internals. Returns the last :math:`\log S` and :math:`S`, the states and the
+    internals. Each ``(N, D)`` tensor is its own allocation: one block for all would exceed glibc's
+    largest mmap threshold at moderate sizes and be mapped, and page-faulted, anew on every call."""
+    num_iters, index = prob.coef.rho.numel(), prob.segments.index
+    log_s, dual = _initial_log_s(prob), None
+    ws = _Workspace(prob.x, internals=False)
+    states, inners = [], []
+    for k in range(num_iters):
+        ws.g, ws.e_t, ws.e_s = (torch.empty_like(prob.x) for _ in range(3))
+        last = k + 1 == num_iters
+        next_log_s, next_dual = torch.empty_like(log_s), None if last else torch.empty_like(log_s)
+        inner = _recompute(prob, k, log_s, dual, ws, next_log_s)
+        plan_s = torch.index_select(inner.col_factor, 0, index, out=ws.plan_s).mul_(inner.e_s)
+        if not last:  # Z' = Z + rho T - rho S', in the order of _step_, which gives the same numbers
+            plan_t = torch.mul(inner.e_t, inner.row_factor, out=ws.plan_t)
+            next_dual.zero_() if dual is None else next_dual.copy_(dual)
+            next_dual.addcmul_(plan_t, prob.coef.rho[k]).addcmul_(plan_s, prob.coef.rho[k], value=-1)
+        states.append((log_s, dual))
+        inners.append(inner)
+        log_s, dual = next_log_s, next_dual
+    return log_s, plan_s, states, inners
 
 
 def _kept_states(prob: BADMMProblem, start: int, stop: int, stride: int, first: Tuple[Tensor, Optional[Tensor]],
@@ -424,13 +465,16 @@ class _Reverse(NamedTuple):
     slots: List[Tensor]  # per level below the first, the states it keeps inside one span
     grad_pool: Optional[Tensor]  # the gradient w.r.t. the pooled output, with pool=True
 
+    def step(self, k: int, state: Tuple[Tensor, Optional[Tensor]], inner: _Internals) -> None:
+        r"""Backpropagates through iteration :obj:`k` (and the pooling after the last)."""
+        if self.grad_pool is not None and k + 1 == self.prob.coef.rho.numel():
+            _pool_adjoint(self.prob, inner, self.ws, self.grads, self.grad_pool)
+        _adjoint_step(self.prob, k, state, inner, self.ws, self.grads)
+
     def span(self, start: int, stop: int, first: Tuple[Tensor, Optional[Tensor]], level: int) -> None:
         r"""Backpropagates through iterations ``start`` to ``stop - 1`` from the state entering them."""
         if stop - start == 1:
-            inner = _recompute(self.prob, start, *first, self.ws)
-            if self.grad_pool is not None and stop == self.prob.coef.rho.numel():
-                _pool_adjoint(self.prob, inner, self.ws, self.grads, self.grad_pool)
-            _adjoint_step(self.prob, start, first, inner, self.ws, self.grads)
+            self.step(start, first, _recompute(self.prob, start, *first, self.ws))
             return
         stride = self.strides[level]
         states = _kept_states(self.prob, start, stop, stride, first, self.slots[level - 1], self.ws)
@@ -442,7 +486,9 @@ class _Reverse(NamedTuple):
 class _BADMMIterations(torch.autograd.Function):
     r"""The ``K`` iterations of :func:`badmm_step` with a hand-derived adjoint (:func:`_adjoint_step`).
 
-    The forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``;
+    Where what the adjoints read fits in :data:`KEEP_BYTES` (five ``(N, D)`` tensors per iteration), the
+    forward keeps it (:func:`_iterate_keeping`) and the backward runs the adjoints alone. Otherwise the
+    forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``;
     the backward walks the spans of ``L`` iterations from the last, recomputes states inside a span into
     buffers allocated once per level (:func:`_checkpoint_strides`, :class:`_Reverse`), and for each
     iteration, from its state, the three ``(N, D)`` tensors its adjoint reads (:func:`_recompute`), all in
@@ -452,28 +498,44 @@ class _BADMMIterations(torch.autograd.Function):
     def forward(ctx: Any, pool: bool, x: Tensor, segments: Segments, blocks: Optional[SetBlocks], log_p: Tensor,
                 log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
         prob = _problem(x, segments, blocks, log_p, log_q, values)
-        ctx.strides = _checkpoint_strides(prob.coef.rho.numel())
-        log_s, plan, kept = _iterate(prob, ctx.strides[0])
-        ctx.pool, ctx.segments, ctx.blocks = pool, segments, blocks
-        ctx.save_for_backward(x, log_p, log_q, kept, *values)
+        num_iters = prob.coef.rho.numel()
+        ctx.strides, ctx.inners = _checkpoint_strides(num_iters), None
+        if 5 * num_iters * x.numel() * x.element_size() <= KEEP_BYTES:
+            log_s, plan, states, inners = _iterate_keeping(prob)
+            # The (N, D) tensors go through save_for_backward (freed after the backward), the rest on ctx.
+            kept = [t for (log_s_k, dual_k), inner in zip(states, inners)
+                    for t in (log_s_k, dual_k, inner.g, inner.e_t, inner.e_s)]
+            ctx.inners = [inner._replace(g=None, e_t=None, e_s=None) for inner in inners]
+        else:
+            log_s, plan, checkpoints = _iterate(prob, ctx.strides[0])
+            kept = [checkpoints]
+        ctx.pool, ctx.segments, ctx.blocks, ctx.num_values = pool, segments, blocks, len(values)
+        ctx.save_for_backward(x, log_p, log_q, *values, *kept)
         return _pool_(prob, plan) if pool else log_s
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, log_p, log_q, kept, *values = ctx.saved_tensors
+        x, log_p, log_q, *saved = ctx.saved_tensors
+        values, kept = saved[:ctx.num_values], saved[ctx.num_values:]
         prob = _problem(x, ctx.segments, ctx.blocks, log_p, log_q, values)
         grads = _Grads(prob)
-        strides, num_iters = ctx.strides, prob.coef.rho.numel()
-        slots = [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape)) for outer, inner in zip(strides, strides[1:])]
+        strides, num_iters, keeping = ctx.strides, prob.coef.rho.numel(), ctx.inners is not None
+        slots = [] if keeping else [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape))
+                                    for outer, inner in zip(strides, strides[1:])]
         ws = _Workspace(x)
         if not ctx.pool:
             ws.grad_log_s.copy_(grad_out)
         ws.grad_dual.zero_()
         reverse = _Reverse(prob, ws, grads, strides, slots, grad_out if ctx.pool else None)
-        for start in reversed(range(0, num_iters, strides[0])):
-            # The initial dual is zero: None stands for it, so that it takes no memory.
-            first = (_initial_log_s(prob), None) if start == 0 else tuple(kept[start // strides[0] - 1])
-            reverse.span(start, min(start + strides[0], num_iters), first, level=1)
+        if keeping:
+            for k in reversed(range(num_iters)):
+                log_s, dual, g, e_t, e_s = kept[5 * k:5 * k + 5]
+                reverse.step(k, (log_s, dual), ctx.inners[k]._replace(g=g, e_t=e_t, e_s=e_s))
+        else:
+            for start in reversed(range(0, num_iters, strides[0])):
+                # The initial dual is zero: None stands for it, so that it takes no memory.
+                first = (_initial_log_s(prob), None) if start == 0 else tuple(kept[0][start // strides[0] - 1])
+                reverse.span(start, min(start + strides[0], num_iters), first, level=1)
         # The initial state log S = log q + log p.
         grads.log_q.add_(ws.grad_log_s.sum(dim=-1))
         grads.log_p.add_(segment_sum(ws.grad_log_s, prob.segments))
@@ -522,8 +584,9 @@ def badmm_log_plan(
     ``eps``, ``lam_p``, ``lam_q``, ``rho`` and ``gw`` are 1-D tensors of length ``K``: iteration ``k``
     uses entry ``k``. ``eps = 0`` is allowed (unregularised UOT, e.g. max pooling).
 
-    With :obj:`memory_efficient`, the iterations run in place on four ``(N, D)`` buffers and the backward is
-    the hand-derived adjoint of :class:`_BADMMIterations`, which keeps every ``L``-th state (``2 N D``
+    With :obj:`memory_efficient`, the backward is the hand-derived adjoint of :class:`_BADMMIterations`.
+    Where what it reads fits in :data:`KEEP_BYTES` (``5 K N D`` values), the forward keeps it; beyond, the
+    iterations run in place on four ``(N, D)`` buffers, and the backward keeps every ``L``-th state (``2 N D``
     values each) and recomputes the rest: ``O(sqrt(K) N D)`` with ``L = ceil(sqrt(K))`` up to ``K = 16``,
     ``O(K^{1/3} N D)`` with one more level of recomputation beyond (:func:`_checkpoint_strides`). :obj:`False`
     backpropagates through :func:`badmm_step` with plain autograd (``O(K N D)`` memory, double backward).

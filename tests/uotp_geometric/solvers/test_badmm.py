@@ -57,6 +57,7 @@ def test_zero_eps_reaches_max_pooling():
     assert (out - expected).abs().max() < 5e-3
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('num_iters', [4, 9, 10])
 def test_segmented_checkpoints_give_autograd_gradients(num_iters):
     # K = 9 and 10 run as outer checkpoints of 3 and 4 iterations (the last one shorter), K = 4 as one
@@ -75,6 +76,7 @@ def test_segmented_checkpoints_give_autograd_gradients(num_iters):
         torch.testing.assert_close(lean, plain, rtol=0, atol=1e-10)
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', ['badmm', 'badmm_q'])
 @pytest.mark.parametrize('gw', [0.0, 0.4])
 @pytest.mark.parametrize('num_iters', [1, 4, 10, 17])

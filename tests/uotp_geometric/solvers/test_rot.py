@@ -180,6 +180,7 @@ def _values(solver, dtype):
     return values
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', SOLVERS)
 def test_gradcheck(solver):
     x, index = ragged_batch([3, 0, 4], 3, seed=5)
@@ -197,6 +198,7 @@ def test_gradcheck(solver):
     assert torch.autograd.gradcheck(pool, inputs)
 
 
+@pytest.mark.usefixtures('badmm_backward')
 @pytest.mark.parametrize('solver', SOLVERS)
 def test_memory_efficient_gradients_equal_autograd(solver):
     x, index = ragged_batch([4, 0, 9, 1, 6], 5, shuffle=True, seed=6)
