@@ -147,8 +147,8 @@ class UOTAggregation(Aggregation):
             refuse it). If :obj:`True`, Sinkhorn's iterations (and their adjoints in the lean
             backward) run as kernels compiled by :func:`torch.compile` with dynamic shapes, the layer
             itself staying eager; the first call compiles them (tens of seconds on a CPU), later calls
-            of any batch size reuse them. On the CPU the gain is modest (see
-            :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``);
+            of any batch size reuse them. On the benchmark's CPU it was slower than eager (see
+            :func:`~uotp_geometric.functional.uot_plan` and ``docs/solvers.md``): leave it off there;
             :obj:`memory_efficient` ``=False`` stays eager. Prefer it to :func:`torch.compile` of the
             whole layer, which ``docs/bench`` measures slower than eager. (default: :obj:`False`)
 

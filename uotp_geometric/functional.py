@@ -341,9 +341,9 @@ def uot_plan(
             as without it): fused passes over the ``(N, D)`` data in place of dozens of operations
             each. The first call compiles (tens of seconds on a CPU, kept for the process, and by the
             compiler's cache on disk); later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On
-            the CPU the gain is modest, the iterations being bound by their exponentials, which the
-            fused loops partly recompute where eager keeps them (``docs/solvers.md``,
-            ``docs/bench``). Plain autograd (``memory_efficient=False`` with gradients, which double
+            the benchmark's CPU the compiled kernels were slower than eager, the iterations being bound
+            by their exponentials, which the fused loops partly recompute where eager keeps them
+            (``docs/solvers.md``, ``docs/bench``): the option is for accelerators. Plain autograd (``memory_efficient=False`` with gradients, which double
             backward needs and compiled graphs do not give) stays eager, and inside a graph that
             :func:`torch.compile` traces as a whole the option does nothing.
 
