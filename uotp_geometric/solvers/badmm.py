@@ -31,7 +31,7 @@ References:
     Operations", IEEE TPAMI 2023 (arXiv 2212.06339).
 """
 import math
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -98,9 +98,9 @@ class BADMMProblem(NamedTuple):
         return out
 
 
-def _initial_log_s(prob: BADMMProblem) -> Tensor:
+def _initial_log_s(prob: BADMMProblem, out: Optional[Tensor] = None) -> Tensor:
     r""":math:`\log S` entering the first iteration, :math:`\log q_n + \log p_d` (its dual is 0)."""
-    return prob.log_q.unsqueeze(-1) + prob.segments.gather(prob.log_p)
+    return torch.index_select(prob.log_p, 0, prob.segments.index, out=out).add_(prob.log_q.unsqueeze(-1))
 
 
 def _uncapped(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
@@ -148,32 +148,50 @@ def badmm_step(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor) -> Tuple
 def _step_(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor, work: Tensor, plan: Tensor) -> None:
     r"""Iteration :obj:`k` of :func:`badmm_step` in place: ``(log S, Z)`` in :obj:`log_s` and :obj:`dual`
     become the next state, and :obj:`plan` holds :math:`S` on entry (read only where :math:`L` acts)
-    and the new :math:`S` on return; :obj:`work` is scratch. Four ``(N, D)`` buffers, nothing else of
-    that size is allocated (save :math:`C_N S C_D`)."""
+    and the new :math:`S` on return where it is read (where :math:`L` acts, and after the last iteration,
+    whose :math:`Z` is not updated); :obj:`work` is scratch. Four ``(N, D)`` buffers, nothing else of that
+    size is allocated (save :math:`C_N S C_D`)."""
     coef, segments = prob.coef, prob.segments
-    rho = coef.rho[k]
+    rho, last = coef.rho[k], k + 1 == coef.rho.numel()
     torch.sub(prob.x, dual, out=work)
     if coef.linear:
         prob.add_linear_(work, k, plan)
-    work.div_(rho).add_(log_s)  # G
+    torch.addcdiv(log_s, work, rho, out=work)  # G
     shift_r = _row_shift(work)
     torch.sub(work, shift_r, out=plan).exp_()
     log_row_total = plan.sum(dim=-1, keepdim=True).log_()
     log_r = log_row_total + shift_r
     log_eta = _marginal(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
-    plan.mul_((log_eta - log_row_total).exp_())  # T
-    work.add_(log_eta - log_r).mul_(rho).add_(dual)  # Z + rho log T
+    row_factor = (log_eta - log_row_total).exp_()
+    torch.addcmul(dual, work.add_(log_eta - log_r), rho, out=work)  # Z + rho log T
+    if not last:
+        _add_plan_t(prob, k, dual, plan, row_factor, out=dual)  # read by H no more
     if coef.linear:
-        prob.add_linear_(work, k, plan)
+        prob.add_linear_(work, k, plan.mul_(row_factor))  # T
     work.mul_(coef.scale[k])  # H
-    dual.addcmul_(plan, rho)  # Z + rho T; T is not read again
     e_s, log_col_total, shift_c = _segment_exp_(work, segments, out=plan, gathered=log_s)
     log_mu = _marginal(log_col_total + shift_c, coef.h_p[k], prob.log_p)
-    log_s.copy_(work)
-    torch.index_select(log_mu - log_col_total - shift_c, 0, segments.index, out=work)
-    log_s.add_(work)
-    torch.index_select((log_mu - log_col_total).exp_(), 0, segments.index, out=work)
-    dual.addcmul_(e_s.mul_(work), rho, value=-1)
+    torch.index_select(log_mu - log_col_total - shift_c, 0, segments.index, out=log_s).add_(work)
+    col_factor = (log_mu - log_col_total).exp_()
+    if not last:
+        _sub_plan_s_(prob, k, dual, e_s, col_factor, scratch=work)
+    if coef.linear or last:
+        e_s.mul_(torch.index_select(col_factor, 0, segments.index, out=work))  # S
+
+
+def _add_plan_t(prob: BADMMProblem, k: int, dual: Optional[Tensor], e_t: Tensor, row_factor: Tensor,
+                out: Tensor) -> Tensor:
+    r""":math:`Z + \rho T` into :obj:`out` (which may be :obj:`dual`; ``None`` for :math:`Z = 0`), from
+    :math:`T` = :obj:`e_t` :math:`\odot` :obj:`row_factor`, which it does not form: one pass."""
+    factor = row_factor * prob.coef.rho[k]
+    return torch.mul(e_t, factor, out=out) if dual is None else torch.addcmul(dual, e_t, factor, out=out)
+
+
+def _sub_plan_s_(prob: BADMMProblem, k: int, dual: Tensor, e_s: Tensor, col_factor: Tensor, scratch: Tensor) -> None:
+    r""":math:`Z \mathrel{-}= \rho S` in place, from :math:`S` = :obj:`e_s` :math:`\odot`
+    ``col_factor[index]``, which it does not form: one pass and a gather into :obj:`scratch`."""
+    factor = torch.index_select(col_factor * prob.coef.rho[k], 0, prob.segments.index, out=scratch)
+    dual.addcmul_(e_s, factor, value=-1)
 
 
 def _segment_exp_(h: Tensor, segments: Segments, out: Tensor, gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -190,6 +208,21 @@ def _segment_exp_(h: Tensor, segments: Segments, out: Tensor, gathered: Tensor) 
 # it and the three that _recompute makes) where that fits in this many bytes, and recomputes it otherwise:
 # at K = 4 keeping skips six of the fourteen passes over (N, D) that a forward and backward make.
 KEEP_BYTES = 256 * 2 ** 20
+
+# Why the kept tensors are one block up to this size: glibc's malloc maps a block above its mmap threshold apart
+# from its heap, page-faulted anew on every call, and freeing it raises the threshold to its size, up to 32 MiB
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), and the heap's trim threshold to twice that. So one block comes from the
+# heap from the second call on and stays there; many smaller ones grew the heap past the trim threshold, which
+# gave it back to the system after every call (2-15 MB of page faults, a third of the time, at 128 x 30 x 64).
+ONE_BLOCK_BYTES = 32 * 2 ** 20
+
+
+def _buffers(like: Tensor, count: int) -> List[Tensor]:
+    r""":obj:`count` uninitialised tensors shaped as :obj:`like`: views of one allocation up to
+    :data:`ONE_BLOCK_BYTES`, separate allocations beyond."""
+    if count * like.numel() * like.element_size() <= ONE_BLOCK_BYTES:
+        return list(like.new_empty((count, *like.shape)).unbind(0))
+    return [torch.empty_like(like) for _ in range(count)]
 
 
 def _checkpoint_strides(num_iters: int) -> List[int]:
@@ -241,13 +274,16 @@ def _pool_(prob: BADMMProblem, plan: Tensor) -> Tensor:
 
 
 class _Workspace:
-    r"""The ``(N, D)`` buffers of the backward, carved from one allocation (see :func:`_iterate`): the
-    gradients w.r.t. the state, and the tensors that :func:`_recompute` and :func:`_adjoint_step` write.
-    Without :obj:`internals`, the three that :func:`_recompute` writes are left for the caller to set."""
-    def __init__(self, like: Tensor, internals: bool = True) -> None:
-        own = like.new_empty((7 if internals else 4, *like.shape)).unbind(0)
-        self.grad_log_s, self.grad_dual, self.plan_t, self.plan_s = own[:4]
-        self.g, self.e_t, self.e_s = own[4:] if internals else (None, None, None)
+    r"""The ``(N, D)`` buffers of the backward: the gradients w.r.t. the state, and the tensors that
+    :func:`_recompute` and :func:`_adjoint_step` write (the last three may be absent where the forward kept
+    what :func:`_recompute` makes and :math:`L` is absent: they are then scratch that no one reads)."""
+    def __init__(self, buffers: Sequence[Tensor]) -> None:
+        self.grad_log_s, self.grad_dual, self.plan_t, self.plan_s = buffers[:4]
+        self.g, self.e_t, self.e_s = buffers[4:] if len(buffers) > 4 else (None, None, None)
+
+    def buffers(self) -> Tuple[Tensor, ...]:
+        return tuple(t for t in (self.grad_log_s, self.grad_dual, self.plan_t, self.plan_s, self.g, self.e_t,
+                                 self.e_s) if t is not None)
 
 
 class _Internals(NamedTuple):
@@ -279,7 +315,7 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
     if coef.linear:
         prob.add_linear_(g, k, plan_in)
-    g.div_(rho).add_(log_s)
+    torch.addcdiv(log_s, g, rho, out=g)
     shift_r = _row_shift(g)
     e_t = torch.sub(g, shift_r, out=ws.e_t).exp_()
     row_total = e_t.sum(dim=-1, keepdim=True)
@@ -287,16 +323,14 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     eta = _uncapped(log_r, coef.h_q[k], prob.log_q.unsqueeze(-1))
     log_eta = eta.clamp(max=MAX_LOG_MASS)
     row_factor = (log_eta - row_total.log()).exp_()
-    h = torch.add(g, log_eta - log_r, out=ws.e_s).mul_(rho)
-    if dual is not None:
-        h.add_(dual)
+    # H, into next log S if given: log S' = H + log mu - log(col total) - shift, the rest added below.
+    h = torch.add(g, log_eta - log_r, out=ws.e_s if next_log_s is None else next_log_s)
+    h = h.mul_(rho) if dual is None else torch.addcmul(dual, h, rho, out=h)
     if coef.linear:
         prob.add_linear_(h, k, torch.mul(e_t, row_factor, out=ws.plan_t))
     h.mul_(coef.scale[k])
     shift_c = segment_max(h, segments)
-    if next_log_s is not None:
-        next_log_s.copy_(h)  # log S' = H + log mu - log(col total) - shift: the rest is added below
-    e_s = h.sub_(torch.index_select(shift_c, 0, segments.index, out=ws.plan_t)).exp_()
+    e_s = torch.sub(h, torch.index_select(shift_c, 0, segments.index, out=ws.plan_t), out=ws.e_s).exp_()
     col_total = segment_sum(e_s, segments).clamp_min_(torch.finfo(h.dtype).tiny)
     log_c = col_total.log() + shift_c
     mu = _uncapped(log_c, coef.h_p[k], prob.log_p)
@@ -356,7 +390,7 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
     plan_s = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
     # Z' = Z + rho (T - S'), and S' = exp(log S').
     gc.rho[k] += _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
-    grad_h = plan_s.mul_(grad_dual).mul_(-rho).add_(grad_log_s)  # S' is not read again
+    grad_h = torch.addcmul(grad_log_s, plan_s.mul_(grad_dual), -rho, out=plan_s)  # S' is not read again
     # log S' = H - log c + log mu, log mu = (1 - h_p) log c + h_p log p, log c = LSE_{n in b} H.
     col = segment_sum(grad_h, segments)
     pre_p = col * inner.mu_free
@@ -376,9 +410,9 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
         grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
     else:
         grad_log_t = plan_t.mul_(grad_dual).mul_(rho)  # the gradient w.r.t. T, times T
-    grad_h.mul_(scale)  # now the gradient w.r.t. Z + L(T) + rho log T
-    grad_dual.add_(grad_h)
-    grad_log_t.addcmul_(grad_h, rho)
+    # scale grad_h is the gradient w.r.t. Z + L(T) + rho log T.
+    grad_dual.addcmul_(grad_h, scale)
+    grad_log_t.addcmul_(grad_h, scale * rho)
     # log eta = (1 - h_q) log r + h_q log q, log r = LSE_d G.
     row = grad_log_t.sum(dim=-1, keepdim=True)
     pre_q = row * inner.eta_free
@@ -409,30 +443,32 @@ def _pool_adjoint(prob: BADMMProblem, inner: _Internals, ws: _Workspace, grads: 
     grad.mul_(plan).mul_(prob.x)
 
 
-def _iterate_keeping(prob: BADMMProblem) -> Tuple[Tensor, Tensor, List[Tuple[Tensor, Optional[Tensor]]],
-                                                   List[_Internals]]:
+def _iterate_keeping(prob: BADMMProblem, pool: bool) -> Tuple[Tensor, Tensor, List[Tuple[Tensor, Optional[Tensor]]],
+                                                              List[_Internals], _Workspace]:
     r"""All iterations, keeping what each one's adjoint reads: the state entering it and its
-    :func:`_recompute` internals. Returns the last :math:`\log S` and :math:`S`, the states and the
-    internals. Each ``(N, D)`` tensor is its own allocation: one block for all would exceed glibc's
-    largest mmap threshold at moderate sizes and be mapped, and page-faulted, anew on every call."""
-    num_iters, index = prob.coef.rho.numel(), prob.segments.index
-    log_s, dual = _initial_log_s(prob), None
-    ws = _Workspace(prob.x, internals=False)
+    :func:`_recompute` internals. Returns the last :math:`\log S` and :math:`S`, the states, the internals
+    and the backward's workspace (the forward's scratch). The ``(N, D)`` buffers come from :func:`_buffers`,
+    the last :math:`\log S` among them only with :obj:`pool` (which does not return it)."""
+    num_iters = prob.coef.rho.numel()
+    # Two allocations: views share a version counter, and the backward writes the workspace.
+    ws = _Workspace(_buffers(prob.x, 7 if prob.coef.linear else 4))
+    buffers = iter(_buffers(prob.x, 5 * num_iters - 1 + pool))
+    log_s, dual = _initial_log_s(prob, out=next(buffers)), None
     states, inners = [], []
     for k in range(num_iters):
-        ws.g, ws.e_t, ws.e_s = (torch.empty_like(prob.x) for _ in range(3))
+        into = _Workspace([*ws.buffers()[:4], *(next(buffers) for _ in range(3))])  # internals into kept buffers
         last = k + 1 == num_iters
-        next_log_s, next_dual = torch.empty_like(log_s), None if last else torch.empty_like(log_s)
-        inner = _recompute(prob, k, log_s, dual, ws, next_log_s)
-        plan_s = torch.index_select(inner.col_factor, 0, index, out=ws.plan_s).mul_(inner.e_s)
-        if not last:  # Z' = Z + rho T - rho S', in the order of _step_, which gives the same numbers
-            plan_t = torch.mul(inner.e_t, inner.row_factor, out=ws.plan_t)
-            next_dual.zero_() if dual is None else next_dual.copy_(dual)
-            next_dual.addcmul_(plan_t, prob.coef.rho[k]).addcmul_(plan_s, prob.coef.rho[k], value=-1)
+        next_log_s = next(buffers) if pool or not last else torch.empty_like(log_s)
+        next_dual = None if last else next(buffers)
+        inner = _recompute(prob, k, log_s, dual, into, next_log_s)
+        if not last:  # Z' = Z + rho T - rho S', as _step_ computes it, which gives the same numbers
+            _add_plan_t(prob, k, dual, inner.e_t, inner.row_factor, out=next_dual)
+            _sub_plan_s_(prob, k, next_dual, inner.e_s, inner.col_factor, scratch=ws.plan_t)
         states.append((log_s, dual))
         inners.append(inner)
         log_s, dual = next_log_s, next_dual
-    return log_s, plan_s, states, inners
+    col_factor = torch.index_select(inner.col_factor, 0, prob.segments.index, out=ws.plan_t)
+    return log_s, torch.mul(inner.e_s, col_factor, out=ws.plan_s), states, inners, ws
 
 
 def _kept_states(prob: BADMMProblem, start: int, stop: int, stride: int, first: Tuple[Tensor, Optional[Tensor]],
@@ -487,7 +523,8 @@ class _BADMMIterations(torch.autograd.Function):
     r"""The ``K`` iterations of :func:`badmm_step` with a hand-derived adjoint (:func:`_adjoint_step`).
 
     Where what the adjoints read fits in :data:`KEEP_BYTES` (five ``(N, D)`` tensors per iteration), the
-    forward keeps it (:func:`_iterate_keeping`) and the backward runs the adjoints alone. Otherwise the
+    forward keeps it (:func:`_iterate_keeping`, one allocation up to :data:`ONE_BLOCK_BYTES`) and the backward
+    runs the adjoints alone, in the forward's scratch buffers. Otherwise the
     forward runs in place (:func:`_iterate`) and keeps the states entering iterations ``L, 2 L, ...``;
     the backward walks the spans of ``L`` iterations from the last, recomputes states inside a span into
     buffers allocated once per level (:func:`_checkpoint_strides`, :class:`_Reverse`), and for each
@@ -499,12 +536,14 @@ class _BADMMIterations(torch.autograd.Function):
                 log_q: Tensor, *values: Optional[Tensor]) -> Tensor:
         prob = _problem(x, segments, blocks, log_p, log_q, values)
         num_iters = prob.coef.rho.numel()
-        ctx.strides, ctx.inners = _checkpoint_strides(num_iters), None
+        ctx.strides, ctx.inners, ctx.ws = _checkpoint_strides(num_iters), None, None
         if 5 * num_iters * x.numel() * x.element_size() <= KEEP_BYTES:
-            log_s, plan, states, inners = _iterate_keeping(prob)
+            log_s, plan, states, inners, ws = _iterate_keeping(prob, pool)
             # The (N, D) tensors go through save_for_backward (freed after the backward), the rest on ctx.
             kept = [t for (log_s_k, dual_k), inner in zip(states, inners)
                     for t in (log_s_k, dual_k, inner.g, inner.e_t, inner.e_s)]
+            # The forward's scratch is the backward's workspace: on ctx, as the backward overwrites it.
+            ctx.ws = ws.buffers()
             ctx.inners = [inner._replace(g=None, e_t=None, e_s=None) for inner in inners]
         else:
             log_s, plan, checkpoints = _iterate(prob, ctx.strides[0])
@@ -522,7 +561,9 @@ class _BADMMIterations(torch.autograd.Function):
         strides, num_iters, keeping = ctx.strides, prob.coef.rho.numel(), ctx.inners is not None
         slots = [] if keeping else [x.new_empty((math.ceil(outer / inner) - 1, 2, *x.shape))
                                     for outer, inner in zip(strides, strides[1:])]
-        ws = _Workspace(x)
+        # One block, which glibc maps apart from its heap where it is large (see _iterate); a second backward
+        # (retain_graph) allocates its own.
+        ws, ctx.ws = _Workspace(ctx.ws or x.new_empty((7, *x.shape)).unbind(0)), None
         if not ctx.pool:
             ws.grad_log_s.copy_(grad_out)
         ws.grad_dual.zero_()
