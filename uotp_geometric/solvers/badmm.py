@@ -312,10 +312,13 @@ def _recompute(prob: BADMMProblem, k: int, log_s: Tensor, dual: Optional[Tensor]
     coef, segments = prob.coef, prob.segments
     rho = coef.rho[k]
     plan_in = torch.exp(log_s, out=ws.plan_s) if coef.linear else None
-    g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
-    if coef.linear:
-        prob.add_linear_(g, k, plan_in)
-    torch.addcdiv(log_s, g, rho, out=g)
+    if dual is None and not coef.linear:
+        g = torch.addcdiv(log_s, prob.x, rho, out=ws.g)
+    else:
+        g = ws.g.copy_(prob.x) if dual is None else torch.sub(prob.x, dual, out=ws.g)
+        if coef.linear:
+            prob.add_linear_(g, k, plan_in)
+        torch.addcdiv(log_s, g, rho, out=g)
     shift_r = _row_shift(g)
     e_t = torch.sub(g, shift_r, out=ws.e_t).exp_()
     row_total = e_t.sum(dim=-1, keepdim=True)
@@ -386,11 +389,16 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
     rho, scale, h_q, h_p = coef.rho[k], coef.scale[k], coef.h_q[k], coef.h_p[k]
     log_s, dual = state
     grad_log_s, grad_dual = ws.grad_log_s, ws.grad_dual
-    plan_t = torch.mul(inner.e_t, inner.row_factor, out=ws.plan_t)
-    plan_s = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
-    # Z' = Z + rho (T - S'), and S' = exp(log S').
-    gc.rho[k] += _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
-    grad_h = torch.addcmul(grad_log_s, plan_s.mul_(grad_dual), -rho, out=plan_s)  # S' is not read again
+    # The last Z' is no output: its gradient is zero, and what it multiplies is skipped.
+    zero_dual = k + 1 == coef.rho.numel()
+    plan_t = None if zero_dual and not coef.linear else torch.mul(inner.e_t, inner.row_factor, out=ws.plan_t)
+    if zero_dual:
+        grad_h = ws.plan_s.copy_(grad_log_s)
+    else:
+        plan_s = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
+        # Z' = Z + rho (T - S'), and S' = exp(log S').
+        gc.rho[k] += _dot(grad_dual, plan_t) - _dot(grad_dual, plan_s)
+        grad_h = torch.addcmul(grad_log_s, plan_s.mul_(grad_dual), -rho, out=plan_s)  # S' is not read again
     # log S' = H - log c + log mu, log mu = (1 - h_p) log c + h_p log p, log c = LSE_{n in b} H.
     col = segment_sum(grad_h, segments)
     pre_p = col * inner.mu_free
@@ -404,15 +412,19 @@ def _adjoint_step(prob: BADMMProblem, k: int, state: Tuple[Tensor, Optional[Tens
     if dual is not None:
         gc.scale[k] += _dot(grad_h, dual)
     gc.rho[k] += dot_log_t * scale
-    if coef.linear:
-        linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale, out=ws.e_s)  # e_s is read no more
-        gc.scale[k] += linear_dot
-        grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
+    # scale grad_h is the gradient w.r.t. Z + L(T) + rho log T; grad_log_t below is the one w.r.t. log T.
+    if zero_dual and not coef.linear:
+        grad_log_t = torch.mul(grad_h, scale * rho, out=ws.plan_t)
+        torch.mul(grad_h, scale, out=grad_dual)
     else:
-        grad_log_t = plan_t.mul_(grad_dual).mul_(rho)  # the gradient w.r.t. T, times T
-    # scale grad_h is the gradient w.r.t. Z + L(T) + rho log T.
-    grad_dual.addcmul_(grad_h, scale)
-    grad_log_t.addcmul_(grad_h, scale * rho)
+        if coef.linear:
+            linear_grad, linear_dot = grads.linear(prob, k, plan_t, grad_h, scale, out=ws.e_s)  # e_s is read no more
+            gc.scale[k] += linear_dot
+            grad_log_t = plan_t.mul_(linear_grad.mul_(scale).addcmul_(grad_dual, rho))
+        else:
+            grad_log_t = plan_t.mul_(grad_dual).mul_(rho)  # the gradient w.r.t. T, times T
+        grad_dual.addcmul_(grad_h, scale)
+        grad_log_t.addcmul_(grad_h, scale * rho)
     # log eta = (1 - h_q) log r + h_q log q, log r = LSE_d G.
     row = grad_log_t.sum(dim=-1, keepdim=True)
     pre_q = row * inner.eta_free
@@ -438,27 +450,28 @@ def _pool_adjoint(prob: BADMMProblem, inner: _Internals, ws: _Workspace, grads: 
     :obj:`inner`: :math:`D g_b S_n` and :math:`D g_b x_n S_n`."""
     segments = prob.segments
     plan = torch.index_select(inner.col_factor, 0, segments.index, out=ws.plan_s).mul_(inner.e_s)
-    grad = torch.index_select(grad_out, 0, segments.index, out=ws.grad_log_s).mul_(prob.x.size(-1))
+    grad = torch.index_select(grad_out * prob.x.size(-1), 0, segments.index, out=ws.grad_log_s)
     grads.x.addcmul_(grad, plan)
     grad.mul_(plan).mul_(prob.x)
 
 
-def _iterate_keeping(prob: BADMMProblem, pool: bool) -> Tuple[Tensor, Tensor, List[Tuple[Tensor, Optional[Tensor]]],
+def _iterate_keeping(prob: BADMMProblem, pool: bool) -> Tuple[Optional[Tensor], Tensor,
+                                                              List[Tuple[Tensor, Optional[Tensor]]],
                                                               List[_Internals], _Workspace]:
     r"""All iterations, keeping what each one's adjoint reads: the state entering it and its
     :func:`_recompute` internals. Returns the last :math:`\log S` and :math:`S`, the states, the internals
     and the backward's workspace (the forward's scratch). The ``(N, D)`` buffers come from :func:`_buffers`,
-    the last :math:`\log S` among them only with :obj:`pool` (which does not return it)."""
+    save the last :math:`\log S`, which is returned, and not computed with :obj:`pool`."""
     num_iters = prob.coef.rho.numel()
     # Two allocations: views share a version counter, and the backward writes the workspace.
     ws = _Workspace(_buffers(prob.x, 7 if prob.coef.linear else 4))
-    buffers = iter(_buffers(prob.x, 5 * num_iters - 1 + pool))
+    buffers = iter(_buffers(prob.x, 5 * num_iters - 1))
     log_s, dual = _initial_log_s(prob, out=next(buffers)), None
     states, inners = [], []
     for k in range(num_iters):
         into = _Workspace([*ws.buffers()[:4], *(next(buffers) for _ in range(3))])  # internals into kept buffers
         last = k + 1 == num_iters
-        next_log_s = next(buffers) if pool or not last else torch.empty_like(log_s)
+        next_log_s = next(buffers) if not last else None if pool else torch.empty_like(log_s)
         next_dual = None if last else next(buffers)
         inner = _recompute(prob, k, log_s, dual, into, next_log_s)
         if not last:  # Z' = Z + rho T - rho S', as _step_ computes it, which gives the same numbers
