@@ -115,8 +115,7 @@ def _marginal(log_total: Tensor, h: Tensor, log_prior: Tensor) -> Tensor:
 
 def _row_shift(g: Tensor) -> Tensor:
     # A detached shift for the row exponential: it cancels in the plan and the log-sum-exp alike.
-    shift = g.detach().amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return g.detach().amax(dim=-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # 0 where not finite
 
 
 def badmm_step(prob: BADMMProblem, k: int, log_s: Tensor, dual: Tensor) -> Tuple[Tensor, Tensor]:
