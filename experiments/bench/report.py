@@ -138,7 +138,7 @@ def _memory_headline(memory: pd.DataFrame) -> list[tuple[str, float, str, str]]:
     return rows
 
 
-TABLE_COLUMNS = ["method", "fwd_ms", "fwdbwd_ms", "peak_mb", "baseline", "fwd_ratio", "fwdbwd_ratio",
+TABLE_COLUMNS = ["method", "fwd_ms", "fwdbwd_ms", "fwdbwd_fresh_mb", "peak_mb", "baseline", "fwd_ratio", "fwdbwd_ratio",
                  "fwdbwd_ratio_min", "fwdbwd_ratio_max", "peak_ratio", "note"]
 CURVES = {"scaling N": ("N", "total nodes N"), "scaling D": ("D", "features D"),
           "scaling K": ("K", "iterations K")}  # section: (the column it varies, its axis label)
@@ -195,7 +195,10 @@ def write_outputs(df: pd.DataFrame, out: Path, info: dict[str, str], plan: Plan)
         "ratio is the median over repeats of (time / the baseline's time in the same repeat); its baseline "
         "is named in the row: PyG's `SoftmaxAggregation(learn=True)` for the aggregations, ours at the same "
         "solver and K for the padded implementation (so its ratio is how many times slower padding is); "
-        "compiled methods are divided by eager Softmax too. Peak memory (`peak_mb`) is the extra memory of "
+        "compiled methods are divided by eager Softmax too. `fwdbwd_fresh_mb` (CPU): the memory that one "
+        "forward+backward took fresh from the system (minor page faults times the page size, median over "
+        "repeats), which the C library did not serve from memory it already held; each fresh page costs a page "
+        "fault, which a timing includes. Peak memory (`peak_mb`) is the extra memory of "
         f"forward+backward: {memory_how}. "
         f"Set sizes: `uniform` = every set has the mean size; `lognormal` = sigma {LOGNORMAL_SIGMA} in "
         "log-size, mean as given. `max_set` is the largest set, to which padding pads every set.",

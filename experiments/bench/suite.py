@@ -13,14 +13,14 @@ import torch
 from experiments.bench.cases import (DEFAULT_MODE, HAS_COMPILE, SOFTMAX, PYG_AGGREGATIONS, Batch, Method, Plan,
                                      uot_methods)
 from experiments.bench.memory import CPU_ALLOCATORS, FIXED_MMAP, available_mb, cuda_peak_mb, peak_mb_in_subprocess
-from experiments.bench.timing import elapsed_ms, forward, forward_backward
+from experiments.bench.timing import elapsed_ms, forward, forward_backward, fresh_pages_mb
 from experiments.bench.training import measure_training
 
 _START_S = time.perf_counter()  # progress messages count from the import
 
 
 COLUMNS = ["section", "config", "method", "solver", "K", "memory_efficient", "compiled", "allocator", "N", "D", "B",
-           "max_set", "fwd_ms", "fwdbwd_ms", "peak_mb", "baseline", "fwd_ratio", "fwdbwd_ratio",
+           "max_set", "fwd_ms", "fwdbwd_ms", "fwdbwd_fresh_mb", "peak_mb", "baseline", "fwd_ratio", "fwdbwd_ratio",
            "fwdbwd_ratio_min", "fwdbwd_ratio_max", "peak_ratio", "epoch_s", "epoch_ratio", "note"]
 
 
@@ -71,11 +71,14 @@ def measure_group(section: str, batch: Batch, methods: Sequence[Method], device:
         except Exception as error:  # noqa: BLE001
             row["note"] = _failure(error)
 
-    times: dict[Method, dict[str, list[float]]] = {m: {"fwd": [], "fwdbwd": []} for m in modules}
+    times: dict[Method, dict[str, list[float]]] = {m: {"fwd": [], "fwdbwd": [], "fresh": []} for m in modules}
     for _ in range(plan.repeats):
         for method, module in modules.items():
             for key, step in (("fwd", forward), ("fwdbwd", forward_backward)):
+                fresh_before = fresh_pages_mb()
                 times[method][key].append(elapsed_ms(lambda: step(module, x, index, batch.num_sets), device))
+                if key == "fwdbwd":
+                    times[method]["fresh"].append(fresh_pages_mb() - fresh_before)
 
     for method, module in modules.items():
         if device.type == "cuda":
@@ -85,6 +88,8 @@ def measure_group(section: str, batch: Batch, methods: Sequence[Method], device:
             _record_peak(rows[method], lambda: peak_mb_in_subprocess(method, batch, threads, FIXED_MMAP))
     for method in modules:
         row, base = rows[method], method.baseline
+        if device.type == "cpu":
+            row["fwdbwd_fresh_mb"] = float(np.median(times[method]["fresh"]))
         for key in ("fwd", "fwdbwd"):
             row[f"{key}_ms"] = float(np.median(times[method][key]))
             if base in times:

@@ -1,6 +1,7 @@
 """One forward, one forward+backward, and the time they take (CUDA events on a GPU, wall clock on the CPU)."""
 from __future__ import annotations
 
+import resource
 import time
 from typing import Callable
 
@@ -31,3 +32,10 @@ def elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
     fn()
     return 1e3 * (time.perf_counter() - start_s)
 
+
+
+def fresh_pages_mb() -> float:
+    """The memory this process has taken from the system so far and touched first, in MiB (its minor page
+    faults times the page size). Its growth over a call is what the C library did not serve from memory it
+    held: on the CPU, each such page costs a page fault (a few microseconds on a virtual machine)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize() / 2 ** 20

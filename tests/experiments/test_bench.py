@@ -8,6 +8,7 @@ import torch
 
 from experiments import bench
 from experiments.bench import __main__ as bench_main
+from experiments.bench import timing
 from uotp_geometric.functional import uot_pool
 
 
@@ -82,6 +83,17 @@ def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch, one_thread
     assert "fwd_ms" not in compiled and eager["fwd_ms"] > 0
 
 
+def test_fresh_pages_count_a_new_mapping_once() -> None:
+    # 64 MiB is above glibc's largest mmap threshold: a fresh mapping, whose pages fault in when first written.
+    before = timing.fresh_pages_mb()
+    block = torch.empty(16 * 2 ** 20, dtype=torch.float32)
+    block.fill_(1.0)
+    first = timing.fresh_pages_mb() - before
+    block.fill_(2.0)
+    again = timing.fresh_pages_mb() - before - first
+    assert 63 <= first <= 80 and again < 1
+
+
 def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     tiny = bench.Batch(6, 5)
     plan = bench.Plan(repeats=2, warmup=1, batches=[tiny, bench.Batch(6, 5, "uniform")], num_iters=(2,),
@@ -98,6 +110,7 @@ def test_tiny_run_writes_outputs(tmp_path: Path, one_thread: int) -> None:
     assert set(df[compiled].method) == {"SoftmaxAggregation compiled", "UOT sinkhorn K=4 efficient compiled kernels"}
     assert df[compiled].note.str.match(r"compile and warm-up: [0-9.]+ s$").all()
     assert (df[~compiled].note == "").all()  # nothing failed or was skipped
+    assert (timed.fwdbwd_fresh_mb >= 0).all()  # measured for every timed row on the CPU
     assert set(timed.section) == {"batch", "scaling N", "scaling D", "scaling K", "compile"}
     for column in ("fwd_ms", "fwdbwd_ms", "fwdbwd_ratio"):
         assert np.isfinite(timed[column]).all() and (timed[column] > 0).all(), column
