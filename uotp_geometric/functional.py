@@ -343,9 +343,10 @@ def uot_plan(
             compiler's cache on disk); later calls reuse the graphs whatever ``N``, ``B`` and ``D``. On
             the benchmark's CPU the compiled kernels were slower than eager, the iterations being bound
             by their exponentials, which the fused loops partly recompute where eager keeps them
-            (``docs/solvers.md``, ``docs/bench``): the option is for accelerators. Plain autograd (``memory_efficient=False`` with gradients, which double
-            backward needs and compiled graphs do not give) stays eager, and inside a graph that
-            :func:`torch.compile` traces as a whole the option does nothing.
+            (``docs/solvers.md``, ``docs/bench``): the option is for accelerators. Plain autograd
+            (``memory_efficient=False`` with gradients, which double backward needs and compiled
+            graphs do not give) stays eager, and inside a graph that :func:`torch.compile` traces as a
+            whole the option does nothing.
 
     Each of ``eps``, ``lam_p``, ``lam_q``, ``rho``, ``gw`` and ``prox`` is a scalar or a tensor of
     shape ``(K,)`` (one value per iteration), and may require grad.
